@@ -1,0 +1,75 @@
+"""``transformer-ln``: one entry point, one subcommand per job; each subcommand owns its own arguments."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from .errors import UserError
+
+# name -> (module, function, one-line help); modules are imported only when their command runs
+COMMANDS = {
+    "train": ("transformer_ln.train", "main", "train a model (no CONFIG: a small model on the built-in corpus)"),
+    "translate": ("transformer_ln.evaluate", "translate_main", "translate sentences with a trained run"),
+    "evaluate": ("transformer_ln.evaluate", "evaluate_main", "sacreBLEU and chrF of a run on a split"),
+    "average": ("transformer_ln.checkpoint", "average_main", "average the last N checkpoints of a run"),
+    "data": ("transformer_ln.data.cli", "main", "corpus statistics: sizes, lengths, <unk> rate, padding"),
+    "analyze": ("transformer_ln.diagnostics.cli", "main",
+                "output change, residual dependency, gradient norms, training curves"),
+}
+
+USAGE = """usage: transformer-ln COMMAND [ARGS...]
+
+Post-LN, Pre-LN and Admin encoder-decoder Transformers (Liu et al. 2020), with the paper's analysis tools.
+
+commands:
+{commands}
+
+Start with:
+  transformer-ln train --cpu                          # small model on the built-in corpus, a few minutes
+  transformer-ln train model.residual=admin model.n_enc_layers=12 model.n_dec_layers=12
+  accelerate launch -m transformer_ln.train CONFIG.yaml model.residual=pre_ln
+  transformer-ln analyze dependency --out figs model.residual=post_ln
+Run `transformer-ln COMMAND --help` for a command's options.
+"""
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = "\n".join(f"  {name.ljust(width)}  {help_}" for name, (_, _, help_) in COMMANDS.items())
+    return USAGE.format(commands=lines)
+
+
+def run_command(fn, argv) -> int:
+    """Run a subcommand; user errors become one line on stderr and exit status 2 (no traceback)."""
+    from .config import ConfigError
+
+    try:
+        return int(fn(argv) or 0)
+    except (UserError, ConfigError) as e:
+        if os.environ.get("TRANSFORMER_LN_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}\n", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    fn = getattr(importlib.import_module(module), func)
+    return run_command(fn, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Branch functions shared by every residual scheme: attention, feed-forward, embeddings with positions."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Attention(nn.Module):
+    """Common part of self- and cross-attention: heads, SDPA, output projection."""
+
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model: got {d_model}, must be divisible by n_heads={n_heads}")
+        self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
+        self.attn_dropout = attn_dropout
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def in_projections(self) -> list[nn.Linear]:
+        """Linears whose d x d blocks are the q, k, v maps (initialised with gain 1/sqrt(2), as fairseq)."""
+        raise NotImplementedError
+
+    def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
+        # q: (B, H, T, Dh), k/v: (B, H, S, Dh), mask: bool broadcastable to (B, H, T, S), True = attend
+        p = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        B, H, T, Dh = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+class SelfAttention(_Attention):
+    """Multi-head self-attention with one packed QKV projection.
+
+    ``mask`` is a boolean key mask broadcastable to (B, H, T, S) with True where attention is allowed (the encoder's
+    padding mask). ``causal=True`` hides future positions. ``cache`` (a dict) makes decoding incremental: keys and
+    values of earlier steps are kept there and the new ones appended.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0):
+        super().__init__(d_model, n_heads, attn_dropout)
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+
+    def in_projections(self) -> list[nn.Linear]:
+        return [self.qkv_proj]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                cache: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k = torch.cat([cache["k"], k], dim=2)  # (B, H, past + T, Dh)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        is_causal = causal and past == 0 and T > 1
+        if causal and past > 0 and T > 1:  # several new tokens after a cached prefix
+            allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            mask = allowed if mask is None else mask & allowed
+        return self._attend(q, k, v, mask, is_causal)
+
+
+class CrossAttention(_Attention):
+    """Attention from the decoder stream (queries) to the final encoder output (keys and values).
+
+    With a ``cache`` dict the projected encoder keys and values are computed once and reused at every step.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0):
+        super().__init__(d_model, n_heads, attn_dropout)
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+
+    def in_projections(self) -> list[nn.Linear]:
+        return [self.q_proj, self.kv_proj]
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)
+        if cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            S = memory.shape[1]
+            k, v = self.kv_proj(memory).view(B, S, 2, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
+        return self._attend(q, k, v, mask, False)
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = fc2(act_dropout(act(fc1(x))))."""
+
+    def __init__(self, d_model: int, d_ff: int, act_dropout: float = 0.0, activation: str = "relu"):
+        super().__init__()
+        acts = {"relu": nn.ReLU, "gelu": nn.GELU}
+        if activation not in acts:
+            raise ValueError(f"activation: got {activation!r}, allowed: {', '.join(map(repr, acts))}")
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.act = acts[activation]()
+        self.act_dropout = nn.Dropout(act_dropout)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act_dropout(self.act(self.fc1(x))))
+
+
+def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
+    """fairseq's sinusoidal positions: sin in the first half of the dimensions, cos in the second."""
+    half = d_model // 2
+    step = math.log(10000.0) / max(half - 1, 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
+    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * freqs[None, :]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if d_model % 2:
+        table = torch.cat([table, torch.zeros(n_positions, 1)], dim=1)
+    return table
+
+
+class PositionalEmbedding(nn.Module):
+    """x_0 = Dropout(sqrt(d) * E[tokens] + P[positions]); the token table is ``self.embed_tokens``."""
+
+    def __init__(self, embed_tokens: nn.Embedding, max_positions: int, dropout: float = 0.0):
+        super().__init__()
+        d_model = embed_tokens.embedding_dim
+        self.embed_tokens = embed_tokens
+        self.scale = math.sqrt(d_model)
+        self.max_positions = max_positions
+        self.register_buffer("positions", sinusoidal_table(max_positions, d_model), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        T = tokens.shape[1]
+        if offset + T > self.max_positions:
+            raise ValueError(f"sequence of {offset + T} tokens is longer than model.max_positions="
+                             f"{self.max_positions}; raise max_positions or filter long sentences")
+        x = self.embed_tokens(tokens) * self.scale + self.positions[offset:offset + T]
+        return self.dropout(x)
