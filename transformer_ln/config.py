@@ -78,6 +78,12 @@ class Section:
             if typing.get_origin(tp) is tuple and isinstance(value, list):
                 value = tuple(value)
                 object.__setattr__(self, f.name, value)
+            if _type_ok(1.5, tp) and isinstance(value, str):  # YAML 1.1 reads "7e-4" as a string
+                try:
+                    value = float(value)
+                    object.__setattr__(self, f.name, value)
+                except ValueError:
+                    pass
             if tp is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 object.__setattr__(self, f.name, value)
