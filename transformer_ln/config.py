@@ -302,6 +302,7 @@ class TrainConfig(Section):
     update_freq: int = 1
     max_epochs: int = 0
     max_updates: int = 0
+    max_minutes: float = 0.0
     mixed_precision: str = "auto"
     compile: bool = False
     diverge_loss: float = 30.0
@@ -316,17 +317,18 @@ class TrainConfig(Section):
     lenpen: float = 1.0
     max_len_a: float = 1.2
     max_len_b: int = 10
+    bleu_at_end: bool = True
 
     def __post_init__(self) -> None:
         p = self._prefix
         self._check_types()
         _positive(p, self, "max_tokens", "update_freq", "diverge_loss", "diverge_patience", "keep_last",
                   "log_every", "beam")
-        _non_negative(p, self, "max_epochs", "max_updates", "save_every", "valid_every", "grad_norms_every",
-                      "max_len_a", "max_len_b")
+        _non_negative(p, self, "max_epochs", "max_updates", "max_minutes", "save_every", "valid_every",
+                      "grad_norms_every", "max_len_a", "max_len_b")
         _choice(p, "mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
-        if self.max_epochs == 0 and self.max_updates == 0:
-            raise ConfigError(f"{p}max_epochs/{p}max_updates: set at least one of them above 0")
+        if self.max_epochs == 0 and self.max_updates == 0 and self.max_minutes == 0:
+            raise ConfigError(f"{p}max_epochs/{p}max_updates/{p}max_minutes: set at least one of them above 0")
 
 
 @dataclass
