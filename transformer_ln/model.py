@@ -150,9 +150,15 @@ class Seq2SeqTransformer(nn.Module):
         return self.encoder(src, self.key_mask(src))
 
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, src: torch.Tensor,
-               cache: DecoderCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for ``tgt_in`` given the encoder output; with ``cache`` only the new tokens are fed."""
+               cache: DecoderCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for ``tgt_in`` given the encoder output; with ``cache`` only the new tokens are fed.
+
+        ``last_only`` projects only the last position (B, 1, V): search needs no more, and the vocabulary projection
+        of a whole prefix is the largest matrix product of a decoding step.
+        """
         y = self.decoder(tgt_in, memory, self.key_mask(src), cache)
+        if last_only:
+            y = y[:, -1:]
         return F.linear(y, self.decoder.embed.embed_tokens.weight)
 
     def new_cache(self) -> DecoderCache:
