@@ -188,6 +188,8 @@ def load_optimizer_and_rng(optimizer, ckpt: Path, rank: int = 0) -> None:
 
 def average_checkpoints(run_dir: str | Path, last: int) -> Path:
     """Mean of the float parameters of the last ``last`` update checkpoints -> ``checkpoints/averaged``."""
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {run_dir} does not exist; pass the train.out_dir of a training run")
     found = update_checkpoints(Path(run_dir))
     if last < 1:
         raise UserError(f"--last: got {last}, must be >= 1")

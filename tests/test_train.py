@@ -1,0 +1,147 @@
+"""Training end to end on the built-in corpus: resume, divergence, processes, learning, CLI errors."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import transformer_ln.train as train_mod
+from transformer_ln.checkpoint import average_checkpoints, load_model, update_checkpoints
+from transformer_ln.config import RunConfig, apply_overrides
+from transformer_ln.train import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "model": {"d_model": 32, "n_heads": 4, "d_ff": 64, "n_enc_layers": 2, "n_dec_layers": 2, "dropout": 0.1,
+              "share_embeddings": True, "max_positions": 128},
+    "data": {"source": "synthetic", "synthetic_size": 400, "vocab_size": 200},
+    "optim": {"lr": 1e-3, "warmup_updates": 10},
+    "train": {"max_tokens": 600, "max_updates": 6, "bleu_at_end": False, "log_every": 1},
+}
+
+
+def tiny_cfg(out_dir, *overrides) -> RunConfig:
+    return RunConfig.from_dict(apply_overrides(TINY, [f"train.out_dir={out_dir}", *overrides]))
+
+
+def train(out_dir, *overrides, resume=False) -> dict:
+    return Trainer(tiny_cfg(out_dir, *overrides), cpu=True, resume=resume, quiet=True).run()
+
+
+def metrics(run_dir, kind="train"):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def cli(*args, env=None, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "transformer_ln.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    whole = train(tmp_path / "a", "train.max_updates=6")
+    first = train(tmp_path / "b", "train.max_updates=3")
+    assert first["updates"] == 3
+    again = train(tmp_path / "b", "train.max_updates=6", resume=True)
+    assert whole["status"] == again["status"] == "completed" and again["updates"] == 6
+    a = load_file(str(update_checkpoints(tmp_path / "a")[-1] / "model.safetensors"))
+    b = load_file(str(update_checkpoints(tmp_path / "b")[-1] / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(tmp_path / "a")] == [r["loss"] for r in metrics(tmp_path / "b")]
+
+
+def test_nan_loss_ends_the_run_as_diverged_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = train_mod.compute_loss, {"n": 0}
+
+    def poisoned(model, batch, eps, pad_id):
+        calls["n"] += 1
+        loss, nll = real(model, batch, eps, pad_id)
+        return (loss * float("nan"), nll) if calls["n"] >= 4 else (loss, nll)
+
+    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    summary = train(tmp_path, "train.max_updates=20", "train.save_every=1", "train.diverge_patience=3")
+    assert summary["status"] == "diverged" and summary["diverged_at"] == 4 and summary["updates"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    assert len(metrics(tmp_path, "skipped")) == 3
+    model, _ = load_model(tmp_path, "last")
+    assert update_checkpoints(tmp_path)[-1].name.endswith("00000003")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lr_schedule_and_admin_profile_in_the_run(tmp_path):
+    summary = train(tmp_path, "model.residual=admin", "train.max_updates=4")
+    assert summary["status"] == "completed"
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert len(profile["encoder"]) == 4 and len(profile["decoder"]) == 6 and profile["encoder"][0] == 1.0
+    lrs = [r["lr"] for r in metrics(tmp_path)]
+    want = [1e-7 + t * (1e-3 - 1e-7) / 10 for t in range(4)]
+    assert lrs == pytest.approx(want, rel=1e-9)
+    assert all("omega_mean" in r for r in metrics(tmp_path))
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "tokenizer.json").is_file()
+
+
+def test_two_processes_match_one_process_with_double_update_freq(tmp_path):
+    common = ["model.dropout=0.0", "train.max_updates=3", "data.synthetic_size=300"]
+    one = train(tmp_path / "one", *common, "train.update_freq=2")
+    assert one["status"] == "completed"
+    config = tmp_path / "tiny.yaml"
+    tiny_cfg(tmp_path / "two", *common).save(config)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "transformer_ln.train", str(config), "train.update_freq=1", "--cpu"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["processes"] == 2 and two["updates"] == 3
+    l1 = [r["loss"] for r in metrics(tmp_path / "one")]
+    l2 = [r["loss"] for r in metrics(tmp_path / "two")]
+    assert l1 == pytest.approx(l2, rel=1e-4)
+    assert [r["lr"] for r in metrics(tmp_path / "one")] == [r["lr"] for r in metrics(tmp_path / "two")]
+
+
+def test_translate_evaluate_and_average_end_to_end(tmp_path):
+    train(tmp_path, "train.max_updates=4", "train.save_every=1", "train.keep_last=3")
+    avg = average_checkpoints(tmp_path, 3)
+    inputs = [load_file(str(p / "model.safetensors")) for p in update_checkpoints(tmp_path)[-3:]]
+    out = load_file(str(avg / "model.safetensors"))
+    for k, v in out.items():
+        torch.testing.assert_close(v, sum(t[k] for t in inputs) / 3, rtol=1e-6, atol=1e-7)
+    (tmp_path / "in.txt").write_text("the small dog sees a cat .\nthree old men walk .\n")
+    res = cli("translate", str(tmp_path), "--input", str(tmp_path / "in.txt"), "--beam", "2",
+              "--checkpoint", "averaged")
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()) == 2
+    res = cli("evaluate", str(tmp_path), "--split", "test", "--limit", "20", "--beam", "2")
+    assert res.returncode == 0, res.stderr
+    scores = json.loads((tmp_path / "eval_test.json").read_text())
+    assert scores["n"] == 20 and 0.0 <= scores["bleu"] <= 100.0 and "nrefs:1" in scores["bleu_signature"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "model.n_layer=3"], "model.n_layer"),
+    (["train", "optim.lr=fast"], "optim.lr"),
+    (["train", "model.residual=deepnorm"], "residual"),
+    (["train", "--resume", "/nonexistent/run"], "does not exist"),
+    (["translate", "/nonexistent/run"], "does not exist"),
+    (["average", "/nonexistent/run", "--last", "2"], "does not exist"),
+])
+def test_bad_inputs_give_one_clear_message(args, needle):
+    res = cli(*args)
+    assert res.returncode != 0
+    assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_corrupt_checkpoint_and_changed_model_config_are_clear_errors(tmp_path):
+    train(tmp_path, "train.max_updates=2")
+    res = cli("train", "--resume", str(tmp_path), "model.d_model=64", "--cpu")
+    assert res.returncode != 0 and "model.d_model" in res.stderr and "Traceback" not in res.stderr
+    (update_checkpoints(tmp_path)[-1] / "model.safetensors").write_bytes(b"garbage")
+    for args in (["translate", str(tmp_path), "--checkpoint", "last"], ["train", "--resume", str(tmp_path), "--cpu"]):
+        res = cli(*args)
+        assert res.returncode != 0 and "corrupt" in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -1,0 +1,150 @@
+"""Run a grid of training runs (residual x depth x lr x warmup x seed) and collect the paper's comparison table.
+
+Each run is a separate ``transformer_ln.train`` process (optionally under ``accelerate launch``) writing into
+``<out>/<name>/``; a run whose ``summary.json`` exists is finished and skipped, so a sweep can be rerun or resumed.
+``collect`` reads every run's ``summary.json`` and ``eval_test.json`` into ``results.csv`` and ``results.md``.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+AXES = ("residual", "depth", "lr", "warmup", "seed")
+COLUMNS = ["run", "residual", "depth", "lr", "warmup", "seed", "status", "diverged_at", "best_valid_loss",
+           "best_valid_nll", "test_bleu", "updates", "wall_time_s"]
+
+
+@dataclass(frozen=True)
+class Point:
+    residual: str
+    depth: int
+    lr: float
+    warmup: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.residual}-{self.depth}L-lr{self.lr:g}-w{self.warmup}-s{self.seed}"
+
+    def overrides(self) -> list[str]:
+        return [f"model.residual={self.residual}", f"model.n_enc_layers={self.depth}",
+                f"model.n_dec_layers={self.depth}", f"optim.lr={self.lr!r}", f"optim.warmup_updates={self.warmup}",
+                f"train.seed={self.seed}"]
+
+
+def parse_grid(items: list[str], defaults: dict[str, list] | None = None) -> list[Point]:
+    """``["residual=post_ln,admin", "depth=6,18", "lr=1e-3"]`` -> the cross product (unset axes from defaults)."""
+    axes: dict[str, list] = dict(defaults or {})
+    cast = {"residual": str, "depth": int, "lr": float, "warmup": int, "seed": int}
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in cast or not values:
+            raise UserError(f"grid axis {item!r}: write AXIS=v1,v2 with AXIS one of {', '.join(AXES)}")
+        try:
+            axes[key] = [cast[key](v) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"grid axis {key}: cannot read {values!r} as {cast[key].__name__} values") from None
+    missing = [a for a in AXES if a not in axes]
+    if missing:
+        raise UserError(f"the grid needs values for {', '.join(missing)} (e.g. --grid {missing[0]}=...)")
+    return [Point(*combo) for combo in itertools.product(*(axes[a] for a in AXES))]
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def train_command(config: str | None, point: Point, run_dir: Path, overrides: list[str], cpu: bool,
+                  launcher: list[str] | None) -> list[str]:
+    head = [*launcher, "-m", "transformer_ln.train"] if launcher else [sys.executable, "-m", "transformer_ln.train"]
+    args = ([config] if config else []) + list(overrides) + point.overrides() + [f"train.out_dir={run_dir}"]
+    if run_dir.exists():
+        args.append("--overwrite")  # an unfinished run restarts cleanly
+    return head + args + (["--cpu"] if cpu else [])
+
+
+def run_grid(points: list[Point], out: Path, config: str | None = None, overrides: list[str] = (),
+             cpu: bool = False, launcher: list[str] | None = None, log=print) -> list[Path]:
+    """Train every point not finished yet, one after another; returns the run directories."""
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = []
+    for k, point in enumerate(points, 1):
+        run_dir = out / point.name
+        dirs.append(run_dir)
+        if is_finished(run_dir):
+            log(f"[{k}/{len(points)}] {point.name}: finished, skipped")
+            continue
+        cmd = train_command(config, point, run_dir, list(overrides), cpu, launcher)
+        log(f"[{k}/{len(points)}] {point.name}: {' '.join(cmd[1:])}")
+        t0 = time.time()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(out / f"{point.name}.log", "w") as logf:
+            proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ})
+        if proc.returncode != 0:
+            log(f"  failed with exit code {proc.returncode}; see {out / (point.name + '.log')}")
+        else:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            log(f"  {summary['status']} after {summary['updates']} updates, best valid loss "
+                f"{summary['best_valid_loss']}, {time.time() - t0:.0f} s")
+    return dirs
+
+
+def collect(out: Path) -> list[dict]:
+    """One row per run directory under ``out`` holding a summary.json; writes results.csv and results.md."""
+    rows = []
+    for run_dir in sorted(p for p in out.iterdir() if p.is_dir() and is_finished(p)):
+        s = json.loads((run_dir / "summary.json").read_text())
+        ev = run_dir / "eval_test.json"
+        bleu = json.loads(ev.read_text())["bleu"] if ev.is_file() else None
+        rows.append({"run": run_dir.name, "residual": s.get("residual"), "depth": s.get("n_enc_layers"),
+                     "lr": s.get("lr"), "warmup": s.get("warmup_updates"), "seed": s.get("seed"),
+                     "status": s["status"], "diverged_at": s.get("diverged_at"),
+                     "best_valid_loss": s.get("best_valid_loss"), "best_valid_nll": s.get("best_valid_nll"),
+                     "test_bleu": bleu, "updates": s.get("updates"), "wall_time_s": s.get("wall_time_s")})
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "results.md").write_text(markdown_table(rows))
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.2f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ["scheme", "depth", "lr", "warmup", "seed", "status", "best valid nll", "test BLEU", "updates", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        status = r["status"] + (f" @{r['diverged_at']}" if r["diverged_at"] else "")
+        cells = [r["residual"], r["depth"], r["lr"], r["warmup"], r["seed"], status, r["best_valid_nll"],
+                 r["test_bleu"], r["updates"], r["wall_time_s"]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(out: Path, run_dirs: list[Path]) -> list[Path]:
+    """Overlaid training curves of all runs, and the dependency heatmaps of the finished (completed) models."""
+    from .diagnostics.cli import dependency_for_runs
+    from .plotting import plot_curves
+
+    made = list(plot_curves([d for d in run_dirs if is_finished(d)], out / "curves") or [])
+    done = [d for d in run_dirs if is_finished(d) and json.loads((d / "summary.json").read_text())["status"]
+            == "completed"]
+    if done:
+        made += list(dependency_for_runs(done, out / "dependency") or [])
+    return made
