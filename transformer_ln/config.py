@@ -308,6 +308,7 @@ class TrainConfig(Section):
     diverge_loss: float = 30.0
     diverge_patience: int = 5
     save_every: int = 0
+    save_epochs: bool = True
     keep_last: int = 2
     valid_every: int = 0
     log_every: int = 10

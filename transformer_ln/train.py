@@ -142,9 +142,8 @@ class Trainer:
 
         self.model = Seq2SeqTransformer(cfg.model)
         self.pad_id = cfg.model.pad_id
-        train_ds = self.data.datasets["train"]
-        self.train_src = train_ds["src_ids"]
-        self.train_tgt = train_ds["tgt_ids"]
+        train_cols = self.data.datasets["train"][:]  # plain lists: indexing an Arrow column per example is slow
+        self.train_src, self.train_tgt = train_cols["src_ids"], train_cols["tgt_ids"]
         if not self.train_src:
             raise UserError("the training split is empty after filtering; check the data paths and "
                             "model.max_positions")
@@ -152,6 +151,7 @@ class Trainer:
                                          cfg.train.max_tokens, seed=cfg.train.seed, shuffle=True,
                                          num_shards=acc.num_processes, shard_id=acc.process_index)
         self.state = State()
+        self._last_valid_update = -1
         self.optimizer = build_optimizer(self.model, cfg, acc.device)
         self.model = self.model.to(acc.device)
         if resume:
@@ -387,14 +387,16 @@ class Trainer:
                 st.batches_in_epoch = 0
                 if st.status != "diverged":
                     self.validate()
-                    self.save()
-                    last_saved_update = st.update
+                    if t_cfg.save_epochs:
+                        self.save()
+                        last_saved_update = st.update
         bar.close()
         st.wall_time = time.time() - start_wall
         if st.status != "diverged":
             st.status = "completed"
-            if last_saved_update != st.update:
+            if self._last_valid_update != st.update:
                 self.validate()
+            if last_saved_update != st.update:
                 self.save()
         summary = self.summary()
         if acc.is_main_process:
@@ -414,7 +416,9 @@ class Trainer:
         if ds is None or len(ds) == 0:
             return None
         acc, st = self.accelerator, self.state
-        src, tgt = ds["src_ids"], ds["tgt_ids"]
+        self._last_valid_update = st.update
+        cols = ds[:]
+        src, tgt = cols["src_ids"], cols["tgt_ids"]
         sampler = TokenBatchSampler([len(s) for s in src], [len(t) for t in tgt], self.cfg.train.max_tokens,
                                     seed=0, shuffle=False, num_shards=acc.num_processes,
                                     shard_id=acc.process_index)

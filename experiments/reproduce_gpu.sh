@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# GPU-scale study on Multi30k De->En (bf16 where supported): 6L-6L for the three schemes with two seeds, and 18L-18L
+# Post-LN vs Admin at the paper's peak lr 1e-3. The same command runs on any CUDA machine:
+#   bash experiments/reproduce_gpu.sh [OUT_DIR] [6|18|all]
+set -euo pipefail
+OUT=${1:-runs/gpu_study}
+WHICH=${2:-all}
+D=${M30K:-../shared/data/multi30k}   # where Multi30k lies (read by path, never copied into the repository)
+COMMON=(train.save_epochs=false train.keep_last=1 data.train_src=$D/train.de data.train_tgt=$D/train.en
+        data.valid_src=$D/val.de data.valid_tgt=$D/val.en
+        data.test_src=$D/test_2016_flickr.de data.test_tgt=$D/test_2016_flickr.en)
+if [[ $WHICH == 6 || $WHICH == all ]]; then
+  python experiments/sweep.py experiments/configs/multi30k_6l.yaml --out "$OUT/multi30k_6l" --no-plots \
+    --grid residual=post_ln,pre_ln,admin depth=6 lr=1e-3 warmup=1000 seed=1,2 -- "${COMMON[@]}"
+fi
+if [[ $WHICH == 18 || $WHICH == all ]]; then
+  python experiments/sweep.py experiments/configs/multi30k_18l.yaml --out "$OUT/multi30k_18l" --no-plots \
+    --grid residual=post_ln,admin depth=18 lr=1e-3 warmup=1000 seed=1 -- "${COMMON[@]}"
+fi
