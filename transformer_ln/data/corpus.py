@@ -1,0 +1,206 @@
+"""Parallel text as ``{split: [(src, tgt), ...]}`` from the built-in generator, local files or the hub.
+
+Loading goes through ``datasets.load_dataset`` (its cache, its ``.gz`` handling, its JSON reader). What it does not
+give is an error a user can act on, so every failure here becomes a ``UserError`` that names the file, the line or
+the fix, never a traceback from inside ``datasets``.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from ..config import DataConfig
+from ..errors import UserError
+from .synthetic import synthetic_splits
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+SYNTHETIC_EVAL_SIZE = 500
+_HUB_SPLITS = {"train": "train", "validation": "valid", "valid": "valid", "dev": "valid", "test": "test"}
+
+
+def load_corpus(data_cfg: DataConfig, cache_dir: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Stripped, non-empty sentence pairs per split: "train", "valid", and "test" when there is one."""
+    return load_corpus_counted(data_cfg, cache_dir)[0]
+
+
+def load_corpus_counted(data_cfg: DataConfig, cache_dir: str | Path | None = None
+                        ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
+    """Like ``load_corpus``, plus the number of pairs dropped per split because one side was empty."""
+    cache = str(cache_dir or data_cfg.cache_dir) if (cache_dir or data_cfg.cache_dir) else None
+    if data_cfg.source == "synthetic":
+        raw = synthetic_splits(data_cfg.synthetic_size, data_cfg.synthetic_seed, SYNTHETIC_EVAL_SIZE)
+        origin = {k: f"the synthetic corpus (seed {data_cfg.synthetic_seed})" for k in raw}
+    elif data_cfg.source == "files":
+        raw, origin = _load_files(data_cfg, cache)
+    elif data_cfg.source == "hub":
+        raw, origin = _load_hub(data_cfg, cache)
+    else:  # DataConfig validates this already
+        raise UserError(f"data.source: got {data_cfg.source!r}, allowed: 'synthetic', 'files', 'hub'")
+    pairs, dropped = {}, {}
+    for split, rows in raw.items():
+        pairs[split] = [(s.strip(), t.strip()) for s, t in rows]
+        pairs[split] = [(s, t) for s, t in pairs[split] if s and t]
+        dropped[split] = len(rows) - len(pairs[split])
+        if dropped[split]:
+            log.warning("%s: dropped %d pair(s) with an empty side, from %s", split, dropped[split], origin[split])
+        if not pairs[split]:
+            raise UserError(f"the {split} split is empty: {origin[split]} holds no pair with text on both sides")
+    return pairs, dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# local files
+
+
+def _is_json(path: str) -> bool:
+    name = path[:-3] if path.endswith(".gz") else path
+    return name.endswith((".jsonl", ".json"))
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _find_bad_utf8(path: str) -> Optional[str]:
+    """Where the first undecodable line is, as "line N (reason)"; only run after loading failed."""
+    try:
+        with _open_binary(path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"line {n} (byte {e.start + 1} of that line: {e.reason})"
+    except (OSError, EOFError) as e:
+        return f"the file cannot be read ({e})"
+    return None
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out = [e]
+    while (nxt := out[-1].__cause__ or out[-1].__context__) is not None and nxt not in out:
+        out.append(nxt)
+    return out
+
+
+def _load_dataset_column(path: str, field: Optional[str], cache_dir: Optional[str], what: str) -> list[str]:
+    """One column of one file through ``datasets``: the lines of a text file, or ``translation.<field>``."""
+    from datasets import load_dataset
+
+    if not Path(path).is_file():
+        raise UserError(f"{what}: file {path} does not exist")
+    if _is_json(path) and not field:
+        raise UserError(f"{what}: {path} is JSON lines; set data.src_lang and data.tgt_lang to the keys of its "
+                        f"'translation' objects (e.g. data.src_lang=de data.tgt_lang=en)")
+    builder = "json" if _is_json(path) else "text"
+    try:
+        ds = load_dataset(builder, data_files={"data": [path]}, split="data", cache_dir=cache_dir)
+    except Exception as e:  # datasets wraps the real cause several levels deep
+        where = _find_bad_utf8(path)
+        if where:
+            raise UserError(f"{what}: {path} is not valid UTF-8 at {where}; re-encode it, e.g. "
+                            f"`iconv -f latin1 -t utf-8`") from None
+        causes = _chain(e)
+        if any(type(c).__name__ == "SchemaInferenceError" for c in causes):
+            return []  # an empty file: the caller reports the empty split with both file names
+        cause = causes[-1]
+        raise UserError(f"{what}: could not read {path} as {builder} ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+    if builder == "text":
+        return ds["text"]
+    flat = ds.flatten()
+    column = f"translation.{field}"
+    if column in flat.column_names:
+        values = flat[column]
+    elif "translation" in ds.column_names:  # rows with different keys load as one untyped Json column
+        values = [row.get(field) if isinstance(row, dict) else None for row in ds["translation"]]
+    else:
+        raise UserError(f"{what}: {path} has no 'translation' objects; each line must look like "
+                        f'{{"translation": {{"de": "...", "en": "..."}}}}')
+    if all(v is None for v in values):
+        keys = sorted({c.split(".", 1)[1] for c in flat.column_names if c.startswith("translation.")})
+        raise UserError(f"{what}: {path} has no language {field!r} in its 'translation' objects"
+                        + (f"; found: {', '.join(keys)}" if keys else ""))
+    missing = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if missing is not None:
+        raise UserError(f"{what}: {path} line {missing + 1} has no text for {field!r} in its 'translation' object")
+    return values
+
+
+def _load_files(cfg: DataConfig, cache_dir: Optional[str]):
+    raw, origin = {}, {}
+    for split in SPLITS:
+        src, tgt = getattr(cfg, f"{split}_src"), getattr(cfg, f"{split}_tgt")
+        if src is None and tgt is None:
+            continue  # only test may be absent; DataConfig checks the rest
+        src_lines = _load_dataset_column(src, cfg.src_lang, cache_dir, f"data.{split}_src")
+        tgt_lines = _load_dataset_column(tgt, cfg.tgt_lang, cache_dir, f"data.{split}_tgt")
+        if len(src_lines) != len(tgt_lines):
+            raise UserError(f"the {split} files do not line up: {src} has {len(src_lines)} lines but {tgt} has "
+                            f"{len(tgt_lines)}; each line of one must translate the same line of the other")
+        raw[split] = list(zip(src_lines, tgt_lines))
+        origin[split] = src if src == tgt else f"{src} and {tgt}"
+    return raw, origin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hub
+
+_OFFLINE_HINT = ("use data.source=files with local paths instead (data.train_src=... data.train_tgt=... "
+                 "data.valid_src=... data.valid_tgt=...)")
+
+
+def _is_network_error(e: BaseException) -> bool:
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+           for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
+        return True
+    for c in _chain(e):
+        name = type(c).__name__
+        if isinstance(c, (ConnectionError, TimeoutError)) or any(k in name for k in ("Connect", "Offline", "Timeout")) \
+                or "Couldn't reach" in str(c):
+            return True
+    return False
+
+
+def _hub_langs(cfg: DataConfig) -> tuple[Optional[str], Optional[str]]:
+    if cfg.src_lang and cfg.tgt_lang:
+        return cfg.src_lang, cfg.tgt_lang
+    m = re.search(r"([a-z]{2,3})-([a-z]{2,3})$", cfg.hub_config or "")
+    return (cfg.src_lang or (m and m.group(1))), (cfg.tgt_lang or (m and m.group(2)))
+
+
+def _load_hub(cfg: DataConfig, cache_dir: Optional[str]):
+    from datasets import load_dataset
+
+    label = repr(cfg.hub_name) + (f" (config {cfg.hub_config!r})" if cfg.hub_config else "")
+    try:
+        dd = load_dataset(cfg.hub_name, cfg.hub_config, cache_dir=cache_dir)
+    except Exception as e:
+        if _is_network_error(e):
+            raise UserError(f"cannot load dataset {label} from the Hugging Face hub: there is no network (or "
+                            f"offline mode is on) and it is not in the cache; {_OFFLINE_HINT}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load dataset {label} from the hub ({first}); check data.hub_name and "
+                        f"data.hub_config, or {_OFFLINE_HINT}") from None
+    src_lang, tgt_lang = _hub_langs(cfg)
+    raw, origin = {}, {}
+    for hub_split, ds in dd.items():
+        split = _HUB_SPLITS.get(hub_split)
+        if split is None or split in raw:
+            continue
+        flat = ds.flatten()
+        cols = [f"translation.{src_lang}", f"translation.{tgt_lang}"]
+        if not src_lang or not tgt_lang or any(c not in flat.column_names for c in cols):
+            raise UserError(f"dataset {label}: need data.src_lang and data.tgt_lang among the keys of its "
+                            f"'translation' column; columns are {', '.join(flat.column_names)}")
+        raw[split] = list(zip(flat[cols[0]], flat[cols[1]]))
+        origin[split] = f"hub dataset {label} split {hub_split!r}"
+    for split in ("train", "valid"):
+        if split not in raw:
+            raise UserError(f"dataset {label} has no {split} split (it has: {', '.join(dd)})")
+    return raw, origin
