@@ -8,6 +8,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` (zero with probability p, scale the rest by 1/(1-p)), with a cheaper mask on the CPU.
+
+    Why: on the CPU ``F.dropout`` draws its mask with ``bernoulli_``, about twice the cost of ``torch.rand`` (6 vs
+    3.4 ns per element on one core), and dropout's masks were a tenth of a CPU training step. ``rand >= p`` is the
+    same Bernoulli(1 - p) mask (up to float32's 2^-24 resolution of p), from the same seeded generator. On CUDA the
+    fused ``F.dropout`` kernel is already the fast one.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    keep = torch.rand(x.shape, device=x.device) >= p
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` computed by ``dropout`` above (same state, same distribution, cheaper on the CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 class _Attention(nn.Module):
     """Common part of self- and cross-attention: heads, SDPA, output projection."""
 
@@ -26,9 +49,35 @@ class _Attention(nn.Module):
     def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
         # q: (B, H, T, Dh), k/v: (B, H, S, Dh), mask: bool broadcastable to (B, H, T, S), True = attend
         p = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        if p > 0.0 and q.device.type == "cpu":
+            out = _attention_with_dropout_cpu(q, k, v, mask, is_causal, p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
         B, H, T, Dh = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+def _attention_with_dropout_cpu(q, k, v, mask, is_causal: bool, p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) with dropout, then times v: what SDPA computes, in fewer passes.
+
+    Why: with dropout the CPU SDPA falls back to its math path, which scales q and k separately, converts the
+    boolean mask, runs a NaN-safe softmax (three extra passes) and draws a ``bernoulli_`` mask. Masked scores get the
+    dtype's lowest value rather than -inf: exp underflows to exactly 0 either way, and a row with no allowed key
+    (never produced by the model) averages the values instead of giving NaN or zeros.
+    """
+    scores = torch.matmul(q, k.transpose(-2, -1))
+    if is_causal:
+        T, S = scores.shape[-2:]
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        mask = allowed if mask is None else mask & allowed
+    scale = q.shape[-1] ** -0.5
+    if mask is None:
+        scores = scores.mul_(scale)
+    else:
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=q.device).masked_fill_(
+            ~mask, torch.finfo(scores.dtype).min)
+        scores = torch.add(bias, scores, alpha=scale)
+    return torch.matmul(dropout(torch.softmax(scores, dim=-1), p, True), v)
 
 
 class SelfAttention(_Attention):
@@ -102,7 +151,7 @@ class FeedForward(nn.Module):
             raise ValueError(f"activation: got {activation!r}, allowed: {', '.join(map(repr, acts))}")
         self.fc1 = nn.Linear(d_model, d_ff)
         self.act = acts[activation]()
-        self.act_dropout = nn.Dropout(act_dropout)
+        self.act_dropout = Dropout(act_dropout)
         self.fc2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +180,7 @@ class PositionalEmbedding(nn.Module):
         self.scale = math.sqrt(d_model)
         self.max_positions = max_positions
         self.register_buffer("positions", sinusoidal_table(max_positions, d_model), persistent=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         T = tokens.shape[1]

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from .layers import Dropout
+
 OUTPUT_CHANGE_SCALES = ("O(logn)", "O(n)", "O(1)")
 
 
@@ -146,7 +148,7 @@ class Sublayer(nn.Module):
         super().__init__()
         self.pre_norm = scheme.norm(scheme.pre_norm, d_model)
         self.branch = branch
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.residual = scheme.residual(d_model, n_sublayers, admin_omega)
         self.post_norm = scheme.norm(scheme.post_norm, d_model)
 
