@@ -1,0 +1,8 @@
+"""`transformer-ln analyze output-change` as a script (same arguments)."""
+import sys
+
+from transformer_ln.cli import run_command
+from transformer_ln.diagnostics.cli import main
+
+if __name__ == "__main__":
+    sys.exit(run_command(main, ["output-change", *sys.argv[1:]]))

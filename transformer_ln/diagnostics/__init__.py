@@ -1,0 +1,17 @@
+"""The paper's analysis tools, attached to a model through hooks and ``functional_call`` (it never knows).
+
+* ``residual_dependency``: beta_{i,j}, how much each sub-layer output depends on each residual branch.
+* ``output_change``: |F(x, W) - F(x, W*)|^2 for a small perturbation W* of the weights.
+* ``gradient_norms`` / ``GradNormCallback``: per-sub-layer gradient norms, once or during training.
+* ``depth_sweep``: output change at initialisation against depth, with linear and logarithmic fits.
+"""
+from .batch import random_batch
+from .dependency import beta_from_stds, residual_dependency, residual_stds
+from .depth_sweep import build_model, depth_sweep, fit
+from .grad_norms import GradNormCallback, gradient_norms
+from .hooks import registered_hooks, sublayers
+from .output_change import output_change, perturbed_names
+
+__all__ = ["random_batch", "beta_from_stds", "residual_dependency", "residual_stds", "build_model", "depth_sweep",
+           "fit", "GradNormCallback", "gradient_norms", "registered_hooks", "sublayers", "output_change",
+           "perturbed_names"]

@@ -1,0 +1,251 @@
+"""``transformer-ln analyze dependency|output-change|gradients|curves``: JSON plus PNG/PDF figures in ``--out``.
+
+A model comes either from a run directory (``--run DIR``, its best checkpoint) or is freshly initialised from the
+default config plus dotted overrides (``model.n_enc_layers=6 model.residual=admin``); Admin with profiled omega is
+profiled on the measurement batch first. Batches are random tokens with a fixed seed, so numbers are reproducible.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import RESIDUALS, ModelConfig, load_run_config
+from ..errors import UserError
+
+FIELDS_SET_BY_SWEEP = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
+                       "n_dec_layers", "residual")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump, no SystemExit
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for a fresh model, e.g. model.residual=admin")
+    p.add_argument("--run", type=Path, help="a run directory: analyse its checkpoint instead of a fresh model")
+    p.add_argument("--which", default="best", help="which checkpoint of --run (default: best)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSON and the figures")
+    p.add_argument("--residuals", type=_csv(str), help=f"schemes for fresh models (default: all of {RESIDUALS}, "
+                                                       "or the one given as model.residual=...)")
+    p.add_argument("--vocab", type=int, default=1000, help="vocabulary size of a fresh model (default 1000)")
+    p.add_argument("--batch-size", type=int, default=4, help="sentences in the random batch (default 4)")
+    p.add_argument("--seq-len", type=int, default=20, help="tokens per sentence (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, batch and noise (default 0)")
+
+
+HELP = {"dependency": "residual-branch dependency beta_{i,j} heatmaps",
+        "output-change": "|F(x,W)-F(x,W*)|^2 under a small weight perturbation (--depths: sweep over depth)",
+        "gradients": "relative gradient norms per sub-layer",
+        "curves": "overlay the training curves of run directories"}
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (options and overrides may be interleaved)."""
+    p = _Parser(prog=f"transformer-ln analyze {command}", description=HELP[command])
+    if command == "curves":
+        p.add_argument("runs", nargs="+", type=Path, help="run directories holding metrics.jsonl")
+        p.add_argument("--out", type=Path, required=True, help="folder for the JSON and the figures")
+        return p
+    _common(p)
+    if command == "output-change":
+        p.add_argument("--depths", type=_csv(int), help="encoder layer counts for a depth sweep, e.g. 1,2,4,8,16")
+        p.add_argument("--eps", type=float, default=1e-4, help="perturbation size per weight (default 1e-4)")
+        p.add_argument("--mode", choices=("random", "grad_sign"), default="random")
+        p.add_argument("--samples", type=int, default=1, help="random perturbations averaged (default 1)")
+    return p
+
+
+def usage() -> str:
+    width = max(map(len, HELP))
+    lines = "\n".join(f"  {k.ljust(width)}  {v}" for k, v in HELP.items())
+    return (f"usage: transformer-ln analyze COMMAND [--run DIR | OVERRIDES...] --out DIR [options]\n\n"
+            f"commands:\n{lines}\n\nRun `transformer-ln analyze COMMAND --help` for a command's options.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fresh_config(args) -> tuple[ModelConfig, list[str]]:
+    model = load_run_config(None, args.overrides).model
+    if model.src_vocab_size is None or model.tgt_vocab_size is None:
+        model = dataclasses.replace(model, src_vocab_size=model.src_vocab_size or args.vocab,
+                                    tgt_vocab_size=model.tgt_vocab_size or args.vocab)
+    if args.residuals:
+        schemes = args.residuals
+    elif any(o.startswith("model.residual=") for o in args.overrides):
+        schemes = [model.residual]
+    else:
+        schemes = list(RESIDUALS)
+    bad = [s for s in schemes if s not in RESIDUALS]
+    if bad:
+        raise UserError(f"--residuals: unknown scheme(s) {', '.join(bad)}; allowed: {', '.join(RESIDUALS)}")
+    return model, schemes
+
+
+def _batch(args, cfg: ModelConfig, device) -> dict[str, torch.Tensor]:
+    from .batch import random_batch
+
+    vocab = min(cfg.src_vocab_size, cfg.tgt_vocab_size)
+    if not 1 <= args.seq_len <= cfg.max_positions or args.batch_size < 1:
+        raise UserError(f"--seq-len {args.seq_len} / --batch-size {args.batch_size}: need 1 <= seq-len <= "
+                        f"model.max_positions={cfg.max_positions} and batch-size >= 1")
+    return random_batch(vocab, args.batch_size, args.seq_len, cfg.pad_id, args.seed, device=device)
+
+
+def models(args):
+    """Yield ``(label, scheme, model, batch, checkpoint)``: the run's checkpoint, or one fresh model per scheme."""
+    from tqdm.auto import tqdm
+
+    from ..admin import admin_init
+    from ..model import Seq2SeqTransformer
+
+    if args.run is not None:
+        if args.overrides or args.residuals:
+            raise UserError("--run analyses a trained model; drop the overrides / --residuals (they are for fresh "
+                            "models)")
+        if not args.run.is_dir():
+            raise UserError(f"--run {args.run}: not a directory")
+        from ..checkpoint import load_model  # imported lazily: only checkpoint users need it
+
+        model, run_cfg = load_model(args.run, which=args.which)
+        device = next(model.parameters()).device
+        yield model.cfg.residual, model.cfg.residual, model, _batch(args, model.cfg, device), \
+            f"{args.run.name}:{args.which}"
+        return
+    cfg, schemes = _fresh_config(args)
+    for scheme in tqdm(schemes, desc="schemes", disable=len(schemes) < 2):
+        mcfg = dataclasses.replace(cfg, residual=scheme)
+        batch = _batch(args, mcfg, "cpu")
+        torch.manual_seed(args.seed)
+        model = Seq2SeqTransformer(mcfg)
+        if scheme == "admin" and mcfg.admin_omega == "profile":
+            admin_init(model, batch["src"], batch["tgt_in"], seed=args.seed)
+        yield scheme, scheme, model.eval(), batch, "init"
+
+
+def _to_json(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_to_json(obj), indent=1) + "\n")
+    return path
+
+
+def _report(paths: list[Path]) -> None:
+    for p in paths:
+        print(p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_dependency(args) -> list[Path]:
+    from ..plotting import plot_dependency
+    from .dependency import residual_dependency
+
+    betas, checkpoint = {}, "init"
+    for label, _, model, batch, checkpoint in models(args):
+        betas[label] = residual_dependency(model, batch["src"], batch["tgt_in"])
+    record = {"checkpoint": checkpoint, "results": {k: {**v, "diagonal": {s: np.diagonal(b, 1) for s, b in v.items()}}
+                                                     for k, v in betas.items()}}
+    return [write_json(record, args.out / "dependency.json"),
+            *plot_dependency(betas, args.out / "dependency", checkpoint)]
+
+
+def cmd_output_change(args) -> list[Path]:
+    from ..plotting import plot_output_change, plot_output_change_bars
+    from .output_change import output_change
+
+    if args.depths:
+        if args.run is not None:
+            raise UserError("--depths sweeps freshly initialised encoders; it cannot be combined with --run")
+        from .depth_sweep import depth_sweep
+
+        cfg, schemes = _fresh_config(args)
+        extra = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FIELDS_SET_BY_SWEEP}
+        sweep = depth_sweep(schemes, args.depths, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
+                            vocab_size=cfg.src_vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
+                            eps=args.eps, mode=args.mode, n_samples=args.samples, seed=args.seed, **extra)
+        return [write_json(sweep, args.out / "output_change.json"),
+                *plot_output_change(sweep, args.out / "output_change")]
+    changes, checkpoint = {}, "init"
+    for label, _, model, batch, checkpoint in models(args):
+        changes[label] = output_change(model, batch["src"], batch["tgt_in"], eps=args.eps, mode=args.mode,
+                                       n_samples=args.samples, seed=args.seed, tgt_out=batch["tgt_out"])
+    record = {"checkpoint": checkpoint, "eps": args.eps, "mode": args.mode, "results": changes}
+    return [write_json(record, args.out / "output_change.json"),
+            *plot_output_change_bars(changes, args.out / "output_change", checkpoint)]
+
+
+def cmd_gradients(args) -> list[Path]:
+    from ..plotting import plot_grad_norms
+    from .grad_norms import gradient_norms
+
+    norms, checkpoint = {}, "init"
+    for label, _, model, batch, checkpoint in models(args):
+        norms[label] = gradient_norms(model, batch["src"], batch["tgt_in"], batch["tgt_out"])
+    return [write_json({"checkpoint": checkpoint, "results": norms}, args.out / "grad_norms.json"),
+            *plot_grad_norms(norms, args.out / "grad_norms", checkpoint)]
+
+
+def cmd_curves(args) -> list[Path]:
+    from ..plotting import plot_curves, read_run
+
+    for run in args.runs:
+        if not (run / "metrics.jsonl").is_file():
+            raise UserError(f"{run}: no metrics.jsonl (is it a run directory written by transformer-ln train?)")
+    runs = [read_run(r) for r in args.runs]
+    record = {"runs": [{"dir": str(d), "name": r["name"], "summary": r["summary"], "n_train": len(r["train"]),
+                        "n_valid": len(r["valid"]),
+                        "last_train_loss": r["train"][-1].get("loss") if r["train"] else None}
+                       for d, r in zip(args.runs, runs)]}
+    return [write_json(record, args.out / "curves.json"), *plot_curves(args.runs, args.out / "curves")]
+
+
+COMMANDS = {"dependency": cmd_dependency, "output-change": cmd_output_change, "gradients": cmd_gradients,
+            "curves": cmd_curves}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``transformer-ln analyze``; prints the paths it wrote."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        raise UserError(f"transformer-ln analyze: invalid choice {command!r}; choose one of: {', '.join(COMMANDS)}")
+    try:
+        args = build_parser(command).parse_intermixed_args(argv[1:])
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    _report(COMMANDS[command](args))
+    return 0

@@ -1,0 +1,246 @@
+"""Figures of the analysis: beta heatmaps, output change against depth, gradient norms, training curves.
+
+matplotlib is imported inside each function and only through ``matplotlib.figure.Figure`` (the Agg canvas), never
+pyplot: importing the package stays cheap and never touches a display or the global backend. Every figure is
+written as PNG and PDF; titles name the scheme, the stack and the checkpoint ("init" for a fresh model).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+SCHEME_LABELS = {"post_ln": "Post-LN", "pre_ln": "Pre-LN", "admin": "Admin"}
+SCHEME_COLORS = {"post_ln": "tab:red", "pre_ln": "tab:blue", "admin": "tab:green"}
+
+
+def scheme_label(name: str) -> str:
+    return SCHEME_LABELS.get(name, name)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save(fig, out: str | Path, dpi: int = 150) -> list[Path]:
+    """Write ``out.png`` (at ``dpi``) and ``out.pdf``; returns both paths. ``out`` may carry a suffix or not."""
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix.lower() in (".png", ".pdf") else out
+    base.parent.mkdir(parents=True, exist_ok=True)
+    paths = [base.with_name(base.name + ".png"), base.with_name(base.name + ".pdf")]
+    fig.savefig(paths[0], dpi=dpi)
+    fig.savefig(paths[1])
+    return paths
+
+
+def plot_dependency(betas: Mapping[str, Mapping[str, np.ndarray]], out: str | Path,
+                    checkpoint: str = "init", dpi: int = 150) -> list[Path]:
+    """Heatmaps of beta_{i,j}: one column per scheme, one row per stack, one shared colour scale.
+
+    Args:
+        betas: ``{scheme: {"encoder": (n, n+1), "decoder": (m, m+1)}}`` from ``residual_dependency``.
+        checkpoint: shown in the titles ("init", "best", a file name).
+    """
+    schemes = list(betas)
+    stacks = [s for s in ("encoder", "decoder") if any(s in betas[k] for k in schemes)]
+    # the colour scale follows the branch columns (the paper does not draw x_0); larger x_0 values saturate
+    vmax = max(float(np.max(betas[k][s][:, 1:])) for k in schemes for s in stacks if s in betas[k])
+    extend = "max" if any(float(np.max(betas[k][s])) > vmax for k in schemes for s in stacks if s in betas[k]) \
+        else "neither"
+    fig = _figure(4.2 * len(schemes), 3.8 * len(stacks))
+    axes = np.atleast_2d(fig.subplots(len(stacks), len(schemes), squeeze=False))
+    image = None
+    for r, stack in enumerate(stacks):
+        for c, scheme in enumerate(schemes):
+            ax = axes[r, c]
+            b = np.asarray(betas[scheme].get(stack, np.zeros((0, 1))), float)
+            n = b.shape[0]
+            shown = np.where(np.tri(n, n + 1, k=1, dtype=bool), b, np.nan)  # blank right of the diagonal
+            image = ax.imshow(shown, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto", interpolation="nearest")
+            ticks = list(range(0, n + 1, max(1, (n + 1) // 8)))
+            ax.set_xticks(ticks, ["$x_0$" if j == 0 else f"$a_{{{j}}}$" for j in ticks])
+            rows = list(range(0, n, max(1, n // 8)))
+            ax.set_yticks(rows, [f"$x_{{{i + 1}}}$" for i in rows])
+            ax.set_xlabel("component j (stack input $x_0$, branch $a_j$)")
+            ax.set_ylabel("sub-layer output $x_i$")
+            ax.set_title(f"{scheme_label(scheme)} {stack} ({checkpoint})")
+    if image is not None:
+        fig.colorbar(image, ax=axes, label=r"dependency $\beta_{i,j}$", shrink=0.8, extend=extend)
+    fig.suptitle(r"Residual-branch dependency $\beta_{i,j}$ (rows: unit norm; diagonal: own branch)")
+    return save(fig, out, dpi)
+
+
+def plot_output_change(sweep: Mapping[str, Any], out: str | Path, checkpoint: str = "init",
+                       dpi: int = 150) -> list[Path]:
+    """Output change against encoder sub-layers N: all schemes on linear x; on log x the schemes whose better fit
+    is a*log(N)+b (they fall on a straight line there). Each scheme's better fit is dashed."""
+    results = sweep["results"]
+    cfg = sweep.get("config", {})
+    log_like = [k for k, r in results.items() if r.get("fit") and r["fit"]["better"] == "log"] or list(results)
+    fig = _figure(11, 4.2)
+    axes = fig.subplots(1, 2)
+    for scheme, r in results.items():
+        n, y = np.asarray(r["sublayers"], float), np.asarray(r["output_change"], float)
+        color = SCHEME_COLORS.get(scheme)
+        label = scheme_label(scheme)
+        f = r.get("fit")
+        if f:
+            best = f[f["better"]]
+            label += f" (better fit: {'a·N+b' if f['better'] == 'linear' else 'a·log N+b'}, R²={best['r2']:.3f})"
+        for ax in (axes[0], axes[1]) if scheme in log_like else (axes[0],):
+            ax.plot(n, y, "o-", color=color, label=label)
+            if f:
+                grid = np.linspace(n.min(), n.max(), 200)
+                x = grid if f["better"] == "linear" else np.log(grid)
+                ax.plot(grid, best["a"] * x + best["b"], "--", color=color, alpha=0.6)
+    for ax, scale in zip(axes, ("linear", "log")):
+        ax.set_xscale(scale)
+        ax.set_xlabel("encoder sub-layers N (2 per layer)" + (", log scale" if scale == "log" else ""))
+        ax.set_ylabel(r"$|F(x,W) - F(x,W^*)|_2^2$")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_title("all schemes, linear x")
+    axes[1].set_title(f"log x: {', '.join(scheme_label(k) for k in log_like)}")
+    detail = f"d_model={cfg.get('d_model', '?')}, eps={cfg.get('eps', '?')}, {cfg.get('n_tokens', '?')} tokens"
+    fig.suptitle(f"Encoder output change under a random ±eps weight perturbation ({checkpoint}; {detail})")
+    return save(fig, out, dpi)
+
+
+def plot_output_change_bars(changes: Mapping[str, Mapping[str, float]], out: str | Path,
+                            checkpoint: str = "init", dpi: int = 150) -> list[Path]:
+    """Bars of the encoder and decoder output change per scheme (a single model each, no depth sweep)."""
+    schemes = list(changes)
+    fig = _figure(max(4.5, 2.2 * len(schemes)), 3.8)
+    ax = fig.subplots()
+    width = 0.38
+    x = np.arange(len(schemes))
+    for k, stack in enumerate(("encoder", "decoder")):
+        vals = [changes[s].get(stack, np.nan) for s in schemes]
+        ax.bar(x + (k - 0.5) * width, vals, width, label=stack)
+    ax.set_xticks(x, [scheme_label(s) for s in schemes])
+    ax.set_ylabel(r"$|F(x,W) - F(x,W^*)|_2^2$")
+    ax.set_xlabel("residual scheme")
+    ax.legend()
+    ax.set_title(f"Output change per stack ({checkpoint})")
+    return save(fig, out, dpi)
+
+
+def plot_grad_norms(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], out: str | Path,
+                    checkpoint: str = "init", dpi: int = 150) -> list[Path]:
+    """Relative gradient norms per sub-layer (log y): rows = output / parameter gradients, columns = stacks.
+
+    Args:
+        norms: ``{scheme: gradient_norms(...)}``.
+    """
+    stacks = ("encoder", "decoder")
+    kinds = (("output_grad_rel", r"$|\partial L/\partial x_i|$ / max"),
+             ("param_grad_rel", r"$|\partial L/\partial \theta_i|$ / max"))
+    fig = _figure(11, 7)
+    axes = fig.subplots(2, 2, squeeze=False)
+    for r, (key, ylabel) in enumerate(kinds):
+        for c, stack in enumerate(stacks):
+            ax = axes[r, c]
+            for scheme, rows in norms.items():
+                pts = sorted((v["index"], v[key]) for v in rows.values() if v["stack"] == stack)
+                if pts:
+                    idx, val = zip(*pts)
+                    ax.plot(idx, np.maximum(val, 1e-12), "o-", ms=3, color=SCHEME_COLORS.get(scheme),
+                            label=scheme_label(scheme))
+            ax.set_yscale("log")
+            ax.set_xlabel(f"{stack} sub-layer i (input side → output side)")
+            ax.set_ylabel(ylabel)
+            what = "sub-layer outputs" if key.startswith("output") else "sub-layer parameters"
+            ax.set_title(f"{stack}: gradient at {what} ({checkpoint})")
+            ax.grid(alpha=0.3, which="both")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes.ravel():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].legend()
+    names = ", ".join(scheme_label(s) for s in norms)
+    fig.suptitle(f"Relative gradient norms, each divided by the largest in the same network ({names})")
+    return save(fig, out, dpi)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training curves
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """``{"name", "train": [records], "valid": [records], "summary": {...}}`` from metrics.jsonl and summary.json."""
+    run_dir = Path(run_dir)
+    train, valid = [], []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if rec.get("kind") == "train":
+                train.append(rec)
+            elif rec.get("kind") == "valid":
+                valid.append(rec)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return {"name": run_dir.name, "train": train, "valid": valid, "summary": summary}
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["update"], r[key]) for r in records
+           if r.get(key) is not None and "update" in r and math.isfinite(float(r[key]))]
+    return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
+
+
+def plot_curves(run_dirs: Iterable[str | Path], out: str | Path, dpi: int = 150) -> list[Path]:
+    """Overlay the training curves of several runs: train/valid loss, lr, grad norm and omega (min-mean-max).
+
+    A diverged run (``summary.json`` status "diverged") ends in a cross at its last logged point, labelled with
+    the update where it stopped.
+    """
+    runs = [read_run(d) for d in run_dirs]
+    panels = [("train", "loss", "train loss"), ("valid", "loss", "valid loss"), ("train", "lr", "learning rate"),
+              ("train", "grad_norm", "gradient norm (before clipping)"), ("train", "omega_mean", "Admin omega")]
+    fig = _figure(13, 7.5)
+    axes = fig.subplots(2, 3).ravel()
+    colors = [f"C{i}" for i in range(10)]
+    for k, run in enumerate(runs):
+        color = colors[k % len(colors)]
+        diverged = run["summary"].get("status") == "diverged"
+        label = run["name"] + (f" (diverged at {run['summary'].get('diverged_at')})" if diverged else "")
+        for ax, (kind, key, _) in zip(axes, panels):
+            xs, ys = _series(run[kind], key)
+            if not xs:
+                continue
+            ax.plot(xs, ys, "-" if kind == "train" else "o-", ms=3, color=color, label=label)
+            if key == "omega_mean":
+                lo, hi = _series(run[kind], "omega_min"), _series(run[kind], "omega_max")
+                if len(lo[0]) == len(xs) == len(hi[0]):
+                    ax.fill_between(xs, lo[1], hi[1], color=color, alpha=0.15)
+            if diverged:
+                ax.plot([xs[-1]], [ys[-1]], "x", ms=10, mew=2, color=color)
+    for ax, (_, key, title) in zip(axes, panels):
+        ax.set_xlabel("update")
+        ax.set_ylabel(title)
+        ax.set_title(title + (" (mean, band = min..max)" if key == "omega_mean" else ""))
+        ax.grid(alpha=0.3)
+        ys = np.concatenate([np.asarray(line.get_ydata(), float) for line in ax.get_lines()] or [np.ones(1)])
+        if key in ("loss", "grad_norm") and ys.min() > 0 and ys.max() / ys.min() > 20:
+            ax.set_yscale("log")  # a divergence spans decades
+    axes[-1].axis("off")
+    legend: dict[str, Any] = {}
+    for ax in axes[:-1]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    if legend:
+        axes[-1].legend(list(legend.values()), list(legend), loc="center", title="run (x = diverged)")
+    fig.suptitle("Training curves: " + ", ".join(r["name"] for r in runs))
+    return save(fig, out, dpi)
