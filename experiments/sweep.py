@@ -24,8 +24,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--launcher", default=None, help='e.g. "accelerate launch --num_processes 2" (default: python)')
     p.add_argument("--cpu", action="store_true", help="pass --cpu to every run")
     p.add_argument("--no-plots", action="store_true", help="skip the curve and dependency plots")
-    p.add_argument("overrides", nargs="*", help="section.key=value applied to every run (put them after --)")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    args.overrides = [r for r in rest if r != "--"]  # section.key=value for every run, after --
+    bad = [r for r in args.overrides if "=" not in r]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like section.key=value)")
     defaults = {"residual": ["post_ln", "pre_ln", "admin"], "depth": [3], "lr": [2e-3], "warmup": [300], "seed": [1]}
     points = parse_grid(args.grid, defaults)
     out = Path(args.out)

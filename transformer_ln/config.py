@@ -320,6 +320,12 @@ class TrainConfig(Section):
     max_len_b: int = 10
     bleu_at_end: bool = True
 
+    def require_stop(self) -> None:
+        """Training needs a stopping rule; checked when a run starts, so partial sections stay valid."""
+        p = self._prefix
+        if self.max_epochs == 0 and self.max_updates == 0 and self.max_minutes == 0:
+            raise ConfigError(f"{p}max_epochs/{p}max_updates/{p}max_minutes: set at least one of them above 0")
+
     def __post_init__(self) -> None:
         p = self._prefix
         self._check_types()
@@ -328,8 +334,6 @@ class TrainConfig(Section):
         _non_negative(p, self, "max_epochs", "max_updates", "max_minutes", "save_every", "valid_every",
                       "grad_norms_every", "max_len_a", "max_len_b")
         _choice(p, "mixed_precision", self.mixed_precision, ("auto", "no", "fp16", "bf16"))
-        if self.max_epochs == 0 and self.max_updates == 0 and self.max_minutes == 0:
-            raise ConfigError(f"{p}max_epochs/{p}max_updates/{p}max_minutes: set at least one of them above 0")
 
 
 @dataclass

@@ -107,6 +107,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.cfg, self.resume, self.quiet = cfg, resume, quiet
+        cfg.train.require_stop()
         self.callbacks = list(callbacks or [])
         self.run_dir = Path(cfg.train.out_dir)
         device_hint = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
