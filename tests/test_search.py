@@ -117,3 +117,19 @@ def test_beam_matches_a_plain_reference():
         for i, limit in enumerate(max_lengths(model, src, 0.5, 3)):
             n = int(src[i].ne(0).sum())
             assert out[i] == _reference_beam(model, src[i, :n], beam, lenpen, limit)
+
+
+def test_static_cache_path_equals_dynamic_cache(scheme):
+    """The fixed-shape path that CUDA graphs replay (run here without a graph) gives the same hypotheses."""
+    model = _model(scheme, seed=2)
+    src = _src([7, 4, 9, 5, 6, 8], seed=2)
+    kw = dict(beam=3, lenpen=0.8, max_len_a=0.5, max_len_b=4)
+    assert beam_search(model, src, cuda_graph=True, **kw) == beam_search(model, src, cuda_graph=False, **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_beam_equals_eager_beam():
+    model = _model("post_ln", seed=2).cuda()
+    src = _src([7, 4, 9, 5, 6, 8], seed=2).cuda()
+    kw = dict(beam=3, max_len_a=0.5, max_len_b=4)
+    assert beam_search(model, src, cuda_graph=True, **kw) == beam_search(model, src, cuda_graph=False, **kw)

@@ -99,6 +99,13 @@ class SelfAttention(_Attention):
                 cache: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is not None and "slots" in cache:  # static cache: write at the positions, attend to those before
+            pos = cache["pos"]  # (T,) positions of the new tokens
+            cache["k"].index_copy_(2, pos, k)
+            cache["v"].index_copy_(2, pos, v)
+            allowed = cache["slots"][None, :] <= pos[:, None]  # (T, max_len)
+            mask = allowed if mask is None else mask & allowed
+            return self._attend(q, cache["k"], cache["v"], mask, False)
         past = 0
         if cache is not None:
             if "k" in cache:
@@ -182,10 +189,14 @@ class PositionalEmbedding(nn.Module):
         self.register_buffer("positions", sinusoidal_table(max_positions, d_model), persistent=False)
         self.dropout = Dropout(dropout)
 
-    def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """``offset``: position of the first token, or a (T,) tensor of positions (no host sync: CUDA graphs)."""
         T = tokens.shape[1]
-        if offset + T > self.max_positions:
-            raise ValueError(f"sequence of {offset + T} tokens is longer than model.max_positions="
-                             f"{self.max_positions}; raise max_positions or filter long sentences")
-        x = self.embed_tokens(tokens) * self.scale + self.positions[offset:offset + T]
-        return self.dropout(x)
+        if isinstance(offset, torch.Tensor):
+            pos = self.positions.index_select(0, offset)
+        else:
+            if offset + T > self.max_positions:
+                raise ValueError(f"sequence of {offset + T} tokens is longer than model.max_positions="
+                                 f"{self.max_positions}; raise max_positions or filter long sentences")
+            pos = self.positions[offset:offset + T]
+        return self.dropout(self.embed_tokens(tokens) * self.scale + pos)

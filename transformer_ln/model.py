@@ -92,12 +92,51 @@ class DecoderCache:
         self.layers: list[dict] = [{} for _ in range(n_layers)]
         self.length = 0
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` of every cached tensor (beam search re-ranks hypotheses each step)."""
+    def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
+        """Keep rows ``index`` of every cached tensor (beam search re-ranks hypotheses each step).
+
+        ``cross=False`` leaves the encoder keys/values alone: reordering beams within their sentences does not
+        change them, since all beams of a sentence share them.
+        """
         for layer in self.layers:
-            for part in layer.values():
-                for k in part:
-                    part[k] = part[k].index_select(0, index)
+            for name, part in layer.items():
+                if cross or name != "cross":
+                    for k in part:
+                        part[k] = part[k].index_select(0, index)
+
+    def offset(self) -> int | torch.Tensor:
+        """Position of the next token fed to the decoder."""
+        return self.length
+
+
+class StaticDecoderCache(DecoderCache):
+    """Preallocated self-attention keys/values for ``rows`` hypotheses and ``max_len`` positions.
+
+    Why: shapes and addresses never change from step to step, so a decoding step can be captured once in a CUDA
+    graph and replayed (a step of a small batch is otherwise bound by kernel launches). The caller sets ``pos``
+    (positions of the tokens fed next, a device tensor) before each step; nothing here reads it on the host.
+    ``reorder`` copies in place, keeping addresses.
+    """
+
+    def __init__(self, n_layers: int, rows: int, max_len: int, n_heads: int, d_head: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__(n_layers)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        slots = torch.arange(max_len, device=device)
+        for layer in self.layers:
+            layer["self"] = {name: torch.zeros(rows, n_heads, max_len, d_head, dtype=dtype, device=device)
+                             for name in ("k", "v")}
+            layer["self"].update(slots=slots, pos=self.pos)
+
+    def reorder(self, index: torch.Tensor, cross: bool = False) -> None:
+        """Rows ``index`` of the keys and values, in place. The rows never leave: the encoder side stays."""
+        for layer in self.layers:
+            for name in ("k", "v"):
+                buf = layer["self"][name]
+                buf.copy_(buf.index_select(0, index))
+
+    def offset(self) -> torch.Tensor:
+        return self.pos
 
 
 class Decoder(nn.Module):
@@ -111,7 +150,7 @@ class Decoder(nn.Module):
 
     def forward(self, tgt_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None,
                 cache: DecoderCache | None = None) -> torch.Tensor:
-        offset = 0 if cache is None else cache.length
+        offset = 0 if cache is None else cache.offset()
         y = self.embed(tgt_in, offset)
         for i, layer in enumerate(self.layers):
             y = layer(y, memory, memory_mask, None if cache is None else cache.layers[i])
@@ -163,6 +202,13 @@ class Seq2SeqTransformer(nn.Module):
 
     def new_cache(self) -> DecoderCache:
         return DecoderCache(len(self.decoder.layers))
+
+    def new_static_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None,
+                         device: torch.device | None = None) -> StaticDecoderCache:
+        """A fixed-shape cache for ``rows`` hypotheses of up to ``max_len`` positions (CUDA-graph decoding)."""
+        w = self.decoder.embed.embed_tokens.weight
+        return StaticDecoderCache(len(self.decoder.layers), rows, max_len, self.cfg.n_heads,
+                                  self.cfg.d_model // self.cfg.n_heads, dtype or w.dtype, device or w.device)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self.decode(tgt_in, self.encode(src), src)

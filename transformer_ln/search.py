@@ -44,23 +44,32 @@ def max_lengths(model: nn.Module, src: torch.Tensor, max_len_a: float, max_len_b
     return [max(1, min(int(max_len_a * n + max_len_b), limit)) for n in src_len]
 
 
-def _step_lprobs(model: nn.Module, tokens: torch.Tensor, step: int, memory: torch.Tensor, src: torch.Tensor,
-                 cache, banned: list[int], eos: int, forced_end: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (rows, V) of the token after position ``step``, with fairseq's bans applied.
+def _apply_bans(lprobs: torch.Tensor, step: int, banned: list[int], eos: int,
+                forced_end: torch.Tensor) -> torch.Tensor:
+    """fairseq's rules on log-probabilities (rows, V): never pad/BOS, no EOS first, only EOS at the length limit.
 
-    ``forced_end`` (rows,) bool marks rows at their maximum length: only EOS is allowed there.
+    ``forced_end`` (rows,) bool marks rows at their maximum length.
     """
-    inp = tokens[:, step:step + 1] if cache is not None else tokens[:, :step + 1]
-    logits = model.decode(inp, memory, src, cache, last_only=True)[:, -1]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    lprobs = F.log_softmax(logits, dim=-1)
     lprobs[:, banned] = -torch.inf
     if step == 0:  # min length 1
         lprobs[:, eos] = -torch.inf
     not_eos = torch.ones(lprobs.shape[1], dtype=torch.bool, device=lprobs.device)
     not_eos[eos] = False
     return lprobs.masked_fill(forced_end[:, None] & not_eos[None, :], -torch.inf)
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the last position, in float32 at least (float64 stays float64)."""
+    logits = logits[:, -1]
+    return F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
+
+
+def _step_lprobs(model: nn.Module, tokens: torch.Tensor, step: int, memory: torch.Tensor, src: torch.Tensor,
+                 cache, banned: list[int], eos: int, forced_end: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (rows, V) of the token after position ``step``, with fairseq's bans applied."""
+    inp = tokens[:, step:step + 1] if cache is not None else tokens[:, :step + 1]
+    lprobs = _log_softmax(model.decode(inp, memory, src, cache, last_only=True))
+    return _apply_bans(lprobs, step, banned, eos, forced_end)
 
 
 def greedy_search(model: nn.Module, src: torch.Tensor, max_len_a: float = 1.2, max_len_b: int = 10, bos: int = 1,
@@ -92,46 +101,128 @@ def greedy_search(model: nn.Module, src: torch.Tensor, max_len_a: float = 1.2, m
 
 
 def beam_search(model: nn.Module, src: torch.Tensor, beam: int = 5, lenpen: float = 1.0, max_len_a: float = 1.2,
-                max_len_b: int = 10, bos: int = 1, eos: int = 2, use_cache: bool = True) -> list[list[int]]:
-    """Batched beam search (module docstring); one best hypothesis per source row, without BOS/EOS."""
+                max_len_b: int = 10, bos: int = 1, eos: int = 2, use_cache: bool = True,
+                cuda_graph: bool | None = None) -> list[list[int]]:
+    """Batched beam search (module docstring); one best hypothesis per source row, without BOS/EOS.
+
+    ``cuda_graph`` (default: on when ``use_cache`` and ``src`` is on a CUDA device) decodes with a fixed-shape
+    cache and replays one captured CUDA graph per step; finished sentences then stay in the batch (ignored), since
+    shapes must not change. Same output; on a CPU it runs the same static path without a graph (for tests).
+    """
     if beam < 1:
         raise ValueError(f"beam: got {beam}, must be >= 1")
+    if cuda_graph is None:
+        cuda_graph = use_cache and src.device.type == "cuda"
     with _inference(model):
-        return _beam_search(model, src, beam, lenpen, max_len_a, max_len_b, bos, eos, use_cache)
+        return _beam_search(model, src, beam, lenpen, max_len_a, max_len_b, bos, eos, use_cache, cuda_graph)
+
+
+class _DynamicStep:
+    """Decoder steps over the live sentences only; finished sentences leave the batch (and the cache)."""
+
+    def __init__(self, model: nn.Module, memory: torch.Tensor, src_rows: torch.Tensor, use_cache: bool):
+        self.model, self.memory, self.src_rows = model, memory, src_rows
+        self.cache = model.new_cache() if use_cache else None
+
+    def __call__(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        inp = tokens[:, step:step + 1] if self.cache is not None else tokens[:, :step + 1]
+        return _log_softmax(self.model.decode(inp, self.memory, self.src_rows, self.cache, last_only=True))
+
+    def reorder(self, order: torch.Tensor, reduced: bool) -> None:
+        if reduced:
+            self.memory, self.src_rows = self.memory.index_select(0, order), self.src_rows.index_select(0, order)
+        if self.cache is not None:
+            self.cache.reorder(order, cross=reduced)
+
+
+class _StaticStep:
+    """Decoder steps over all rows with a ``StaticDecoderCache``; with ``graph`` one CUDA graph is replayed.
+
+    Step 0 runs eagerly (it also projects the encoder keys and values); the graph is captured at step 1 and holds
+    the beam reorder of the cache, the decoder and the log-softmax, reading ``tok``, ``order`` and ``cache.pos``.
+    """
+
+    def __init__(self, model: nn.Module, memory: torch.Tensor, src_rows: torch.Tensor, max_len: int, graph: bool):
+        rows = memory.shape[0]
+        self.model, self.memory, self.src_rows, self.use_graph = model, memory, src_rows, graph
+        self.cache = model.new_static_cache(rows, max_len, dtype=memory.dtype, device=memory.device)
+        self.tok = torch.zeros(rows, 1, dtype=torch.long, device=memory.device)
+        self.order = torch.arange(rows, device=memory.device)
+        self.identity = self.order.clone()
+        self.graph = None
+        self.out: torch.Tensor | None = None
+
+    def _run(self) -> torch.Tensor:
+        if self.use_graph:
+            self.cache.reorder(self.order)
+        return _log_softmax(self.model.decode(self.tok, self.memory, self.src_rows, self.cache, last_only=True))
+
+    def __call__(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        self.tok.copy_(tokens[:, step:step + 1])
+        self.cache.pos.fill_(step)
+        if not self.use_graph or step == 0:
+            return self._run()
+        if self.graph is None:  # capture once; the reorder for this step is done first, so replays are idempotent
+            self.cache.reorder(self.order)
+            self.order.copy_(self.identity)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run()  # warm-up outside the capture, as CUDA graphs require
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._run()
+        self.graph.replay()
+        return self.out.clone()
+
+    def reorder(self, order: torch.Tensor, reduced: bool) -> None:
+        if self.use_graph:
+            self.order.copy_(order)  # applied at the start of the next replay
+        else:
+            self.cache.reorder(order)
 
 
 def _beam_search(model: nn.Module, src: torch.Tensor, K: int, lenpen: float, max_len_a: float, max_len_b: int,
-                 bos: int, eos: int, use_cache: bool) -> list[list[int]]:
+                 bos: int, eos: int, use_cache: bool, cuda_graph: bool) -> list[list[int]]:
     B = src.shape[0]
     pad, dev = model.cfg.pad_id, src.device
     max_lens = max_lengths(model, src, max_len_a, max_len_b)
     T = max(max_lens)
     max_len_t = torch.tensor(max_lens, device=dev)
     banned = sorted({pad, bos} - {eos})
+    static = use_cache and cuda_graph
 
-    sent = list(range(B))                      # original index of each active sentence
+    sent = list(range(B))                      # original index of each live sentence
     sent_t = torch.arange(B, device=dev)
-    rows = sent_t.repeat_interleave(K)         # row r = sentence r // K, beam r % K
+    blocks = torch.arange(B, device=dev)       # the block of K rows each live sentence has in the step's layout
+    rows = sent_t.repeat_interleave(K)         # row r = block r // K, beam r % K
     memory = model.encode(src).index_select(0, rows)
     src_rows = src.index_select(0, rows)
+    stepper = (_StaticStep(model, memory, src_rows, T + 1, src.device.type == "cuda") if static
+               else _DynamicStep(model, memory, src_rows, use_cache))
     tokens = torch.full((B * K, T + 2), pad, dtype=torch.long, device=dev)
     tokens[:, 0] = bos
-    cum = torch.zeros(B * K, device=dev)       # cumulative log-probability of each live hypothesis
+    cum = None                                 # cumulative log-probability of each hypothesis, by row
     finals: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-    cache = model.new_cache() if use_cache else None
     beam_ids = torch.arange(K, device=dev)
     rank = torch.arange(2 * K, device=dev)
 
     for step in range(T + 1):
         n = len(sent)
+        live_rows = (blocks[:, None] * K + beam_ids).view(-1)
+        lprobs = stepper(tokens, step)
+        if static and n * K < lprobs.shape[0]:
+            lprobs = lprobs.index_select(0, live_rows)
         forced = (max_len_t[sent_t] <= step).repeat_interleave(K)
-        lprobs = _step_lprobs(model, tokens, step, memory, src_rows, cache, banned, eos, forced)
+        lprobs = _apply_bans(lprobs, step, banned, eos, forced)
         V = lprobs.shape[1]
         if step == 0:  # all beams hold the same prefix: expand only the first
             lprobs.view(n, K, V)[:, 1:] = -torch.inf
-        cand = (lprobs + cum.to(lprobs.dtype)[:, None]).view(n, K * V)
+            cum = torch.zeros(B * K, dtype=lprobs.dtype, device=dev)
+        cand = (lprobs + cum[live_rows][:, None]).view(n, K * V)
         cand_scores, cand_idx = cand.topk(min(2 * K, K * V), dim=1)
-        cand_rows = cand_idx // V + (torch.arange(n, device=dev) * K)[:, None]
+        cand_rows = cand_idx // V + (blocks * K)[:, None]  # rows in the step's layout
         cand_tokens = cand_idx % V
         is_eos = (cand_tokens == eos) & (cand_scores > -torch.inf)
 
@@ -154,19 +245,24 @@ def _beam_search(model: nn.Module, src: torch.Tensor, K: int, lenpen: float, max
         _, pick = (is_eos.long() * n_cand + rank[:n_cand]).topk(K, dim=1, largest=False)
         sel_rows, sel_tokens = cand_rows.gather(1, pick), cand_tokens.gather(1, pick)
         sel_scores = cand_scores.gather(1, pick)
-        if any(done):  # finished sentences leave the batch
-            keep = [i for i, d in enumerate(done) if not d]
-            keep_t = torch.tensor(keep, device=dev)
+        reduced = any(done)
+        if reduced:  # finished sentences leave the search
+            keep_t = torch.tensor([i for i, d in enumerate(done) if not d], device=dev)
             sel_rows, sel_tokens, sel_scores = sel_rows[keep_t], sel_tokens[keep_t], sel_scores[keep_t]
-            sent = [sent[i] for i in keep]
-            sent_t = sent_t[keep_t]
-            kept_rows = (keep_t[:, None] * K + beam_ids).view(-1)
-            memory, src_rows = memory.index_select(0, kept_rows), src_rows.index_select(0, kept_rows)
-        order = sel_rows.view(-1)
+            sent = [sent[i] for i, d in enumerate(done) if not d]
+            sent_t, blocks = sent_t[keep_t], blocks[keep_t]
+        if static:  # rows keep their place; a live block takes its selected rows, others stay as they are
+            order = torch.arange(B * K, device=dev)
+            new_rows = (blocks[:, None] * K + beam_ids).view(-1)
+            order[new_rows] = sel_rows.view(-1)
+        else:  # the layout shrinks to the live sentences, in order
+            order = sel_rows.view(-1)
+            blocks = torch.arange(len(sent), device=dev)
+            new_rows = torch.arange(len(sent) * K, device=dev)
         tokens = tokens.index_select(0, order)
-        tokens[:, step + 1] = sel_tokens.view(-1)
-        cum = sel_scores.view(-1)
-        if cache is not None:
-            cache.reorder(order)
+        tokens[new_rows, step + 1] = sel_tokens.view(-1)
+        cum = cum.index_select(0, order)
+        cum[new_rows] = sel_scores.view(-1)
+        stepper.reorder(order, reduced)
 
     return [max(f, key=lambda h: h[0])[1] if f else [] for f in finals]
