@@ -138,13 +138,21 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot_sweep(out: Path, run_dirs: list[Path]) -> list[Path]:
-    """Overlaid training curves of all runs, and the dependency heatmaps of the finished (completed) models."""
-    from .diagnostics.cli import dependency_for_runs
-    from .plotting import plot_curves
+    """Overlaid training curves of all finished runs, and the dependency heatmaps of each completed model.
 
-    made = list(plot_curves([d for d in run_dirs if is_finished(d)], out / "curves") or [])
-    done = [d for d in run_dirs if is_finished(d) and json.loads((d / "summary.json").read_text())["status"]
-            == "completed"]
-    if done:
-        made += list(dependency_for_runs(done, out / "dependency") or [])
+    The dependency is measured on a seeded random token batch with the run's best checkpoint (eval mode).
+    """
+    from .checkpoint import load_model
+    from .diagnostics import random_batch, residual_dependency
+    from .plotting import plot_curves, plot_dependency
+
+    finished = [d for d in run_dirs if is_finished(d)]
+    made = list(plot_curves(finished, out / "curves")) if finished else []
+    for d in finished:
+        if json.loads((d / "summary.json").read_text())["status"] != "completed":
+            continue
+        model, cfg = load_model(d, "best")
+        batch = random_batch(cfg.model.src_vocab_size, batch_size=8, seq_len=20, pad_id=cfg.model.pad_id)
+        betas = residual_dependency(model, batch["src"], batch["tgt_in"])
+        made += plot_dependency({d.name: betas}, out / f"dependency_{d.name}", checkpoint="best")
     return made

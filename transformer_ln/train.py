@@ -387,7 +387,8 @@ class Trainer:
                 st.epoch += 1
                 st.batches_in_epoch = 0
                 if st.status != "diverged":
-                    self.validate()
+                    if self._last_valid_update != st.update:
+                        self.validate()
                     if t_cfg.save_epochs:
                         self.save()
                         last_saved_update = st.update
