@@ -120,16 +120,19 @@ def make_batch(shape: Shape, device: torch.device, seed: int = 0) -> tuple[torch
 class Trainer:
     """One model, its optimizer and its training step; ``step()`` never synchronizes with the device."""
 
-    def __init__(self, name: str, model: nn.Module, device: torch.device, amp: bool, compile_mode: str | None):
+    def __init__(self, name: str, model: nn.Module, device: torch.device, amp: bool):
         self.name, self.device, self.amp = name, device, amp
         self.model = model.to(device).train()
         # fused AdamW (one pass over the parameters; CUDA and, since torch 2.4, the CPU) for every model alike
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8,
                                      weight_decay=0.0, fused=True)
         self.forward = self.model
-        if compile_mode == "full":
+
+    def compile(self, mode: str | None) -> None:
+        """``full``: torch.compile the model; ``regional``: each layer (see ``compile_layers``); None: eager."""
+        if mode == "full":
             self.forward = torch.compile(self.model)
-        elif compile_mode == "regional":
+        elif mode == "regional":
             compile_layers(self.model)
 
     def loss(self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -217,10 +220,12 @@ def bench_shape(shape_name: str, args, device: torch.device, peak: float | None)
     for i, name in enumerate(names):
         torch.manual_seed(i)
         model = TorchTransformer(shape, args.dropout) if name == BASELINE else our_model(shape, name, args.dropout)
-        trainers.append(Trainer(name, model, device, amp, args.compile))
+        trainers.append(Trainer(name, model, device, amp))
     batch = make_batch(shape, device)
     n_tokens = batch[2].ne(PAD).sum().item()
-    flops = {t.name: count_flops(t, batch, n_tokens) for t in trainers} if peak else {}
+    flops = {t.name: count_flops(t, batch, n_tokens) for t in trainers} if peak else {}  # eager: same math
+    for t in trainers:
+        t.compile(args.compile)
     t0 = time.perf_counter()
     for _ in range(args.warmup):  # also compiles
         for t in trainers:
@@ -229,19 +234,23 @@ def bench_shape(shape_name: str, args, device: torch.device, peak: float | None)
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
     timers = {t.name: Timer(device) for t in trainers}
+    host = {t.name: [] for t in trainers}  # time the host spends issuing a step: near the step time = launch-bound
     losses = {}
     for i in range(args.steps):
         order = trainers if i % 2 == 0 else trainers[::-1]  # alternate so no model always follows the same one
         for t in order:
             timer = timers[t.name]
             s = timer.start()
+            h = time.perf_counter()
             losses[t.name] = t.step(batch, n_tokens)
+            host[t.name].append(time.perf_counter() - h)
             timer.stop(s)
     rows = {}
     for t in trainers:
         secs = timers[t.name].seconds()
         med = statistics.median(secs)
         rows[t.name] = dict(ms_per_step=med * 1e3, tokens_per_s=shape.tokens / med, loss=float(losses[t.name]),
+                            host_ms=statistics.median(host[t.name]) * 1e3,
                             ms_all=[s * 1e3 for s in secs], flops_per_step=flops.get(t.name),
                             mfu=flops[t.name] / med / peak if peak else None)
     base = rows[BASELINE]["ms_per_step"]

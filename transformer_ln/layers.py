@@ -20,8 +20,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    keep = torch.rand(x.shape, device=x.device) >= p
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+    mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))  # 0 or 1/(1-p), float32
+    return x * mask.to(x.dtype)
 
 
 class Dropout(nn.Dropout):
@@ -101,8 +101,8 @@ class SelfAttention(_Attention):
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None and "slots" in cache:  # static cache: write at the positions, attend to those before
             pos = cache["pos"]  # (T,) positions of the new tokens
-            cache["k"].index_copy_(2, pos, k)
-            cache["v"].index_copy_(2, pos, v)
+            cache["k"].index_copy_(2, pos, k.to(cache["k"].dtype))  # autocast may hand bf16 to a float cache
+            cache["v"].index_copy_(2, pos, v.to(cache["v"].dtype))
             allowed = cache["slots"][None, :] <= pos[:, None]  # (T, max_len)
             mask = allowed if mask is None else mask & allowed
             return self._attend(q, cache["k"], cache["v"], mask, False)

@@ -16,6 +16,7 @@ of ``benchmarks/decode.py``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
@@ -165,16 +166,26 @@ class _StaticStep:
         if self.graph is None:  # capture once; the reorder for this step is done first, so replays are idempotent
             self.cache.reorder(self.order)
             self.order.copy_(self.identity)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._run()  # warm-up outside the capture, as CUDA graphs require
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._run()
+            try:
+                self._capture()
+            except Exception as e:  # a kernel that cannot be captured: same results, eager speed
+                warnings.warn(f"beam search: CUDA graph capture failed ({type(e).__name__}: {e}); "
+                              "decoding without a graph", RuntimeWarning)
+                self.use_graph, self.graph = False, None
+                return self._run()
         self.graph.replay()
         return self.out.clone()
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run()  # warm-up outside the capture, as CUDA graphs require (idempotent, see above)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.out = self._run()
+        self.graph = graph
 
     def reorder(self, order: torch.Tensor, reduced: bool) -> None:
         if self.use_graph:
@@ -199,7 +210,8 @@ def _beam_search(model: nn.Module, src: torch.Tensor, K: int, lenpen: float, max
     rows = sent_t.repeat_interleave(K)         # row r = block r // K, beam r % K
     memory = model.encode(src).index_select(0, rows)
     src_rows = src.index_select(0, rows)
-    stepper = (_StaticStep(model, memory, src_rows, T + 1, src.device.type == "cuda") if static
+    slots = -(-(T + 1) // 16) * 16  # positions 0..T, rounded up so the attention mask's rows stay aligned
+    stepper = (_StaticStep(model, memory, src_rows, slots, src.device.type == "cuda") if static
                else _DynamicStep(model, memory, src_rows, use_cache))
     tokens = torch.full((B * K, T + 2), pad, dtype=torch.long, device=dev)
     tokens[:, 0] = bos
