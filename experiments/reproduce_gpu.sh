@@ -10,10 +10,10 @@ COMMON=(train.save_epochs=false train.keep_last=1 data.train_src=$D/train.de dat
         data.valid_src=$D/val.de data.valid_tgt=$D/val.en
         data.test_src=$D/test_2016_flickr.de data.test_tgt=$D/test_2016_flickr.en)
 if [[ $WHICH == 6 || $WHICH == all ]]; then
-  python experiments/sweep.py experiments/configs/multi30k_6l.yaml --out "$OUT/multi30k_6l" --no-plots \
+  "${PYTHON:-python}" experiments/sweep.py experiments/configs/multi30k_6l.yaml --out "$OUT/multi30k_6l" --no-plots \
     --grid residual=post_ln,pre_ln,admin depth=6 lr=1e-3 warmup=1000 seed=1,2 -- "${COMMON[@]}"
 fi
 if [[ $WHICH == 18 || $WHICH == all ]]; then
-  python experiments/sweep.py experiments/configs/multi30k_18l.yaml --out "$OUT/multi30k_18l" --no-plots \
+  "${PYTHON:-python}" experiments/sweep.py experiments/configs/multi30k_18l.yaml --out "$OUT/multi30k_18l" --no-plots \
     --grid residual=post_ln,admin depth=18 lr=1e-3 warmup=1000 seed=1 -- "${COMMON[@]}"
 fi

@@ -170,21 +170,24 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- set-up
 
+    RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "profile.json", "config.yaml", "tokenizer.json",
+                 "cache", "eval_test.json", "eval_valid.json", "hyps_test.txt", "hyps_valid.txt")
+
     def _prepare_run_dir(self, overwrite: bool) -> None:
+        """Resume needs checkpoints; a fresh run never appends to an earlier run's files."""
         acc = self.accelerator
         has_ckpts = bool(ckpt_lib.update_checkpoints(self.run_dir))
         if self.resume:
             if not has_ckpts:
                 raise UserError(f"cannot resume: {self.run_dir} has no checkpoints (expected "
                                 f"{ckpt_lib.checkpoints_dir(self.run_dir)}/update_*)")
-        elif has_ckpts or (self.run_dir / "summary.json").exists():
-            if not overwrite:
+        else:
+            if (has_ckpts or (self.run_dir / "summary.json").exists()) and not overwrite:
                 raise UserError(f"run directory {self.run_dir} already holds a run; continue it with "
                                 f"`--resume {self.run_dir}`, start over with --overwrite, or set train.out_dir")
-            if acc.is_main_process:
+            if acc.is_main_process:  # an unfinished run without checkpoints has nothing to resume: start clean
                 import shutil
-                for name in ("checkpoints", "metrics.jsonl", "summary.json", "profile.json", "config.yaml",
-                             "tokenizer.json", "cache"):
+                for name in self.RUN_FILES:
                     p = self.run_dir / name
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         acc.wait_for_everyone()
