@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench figures clean
+.PHONY: setup demo test bench figures reproduce-cpu clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/throughput.py --device cpu --steps 10
+
+reproduce-cpu: setup
+	PYTHON=$(PY) bash experiments/reproduce_cpu.sh runs/cpu_study
 
 figures: setup
 	$(PY) analysis/reproduce_figures.py --out figures
