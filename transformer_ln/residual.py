@@ -101,6 +101,10 @@ class ResidualScheme:
     def norm(self, enabled: bool, d_model: int) -> nn.Module:
         return _layer_norm(d_model) if enabled else nn.Identity()
 
+    def calibrate(self, model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: int = 0) -> dict | None:
+        """Data-dependent initialisation on one batch before the first update; None if the scheme has none."""
+        return None
+
 
 class PostLN(ResidualScheme):
     """Post-LN (Vaswani et al. 2017): x_i = LN(x_{i-1} + a_i); no final LayerNorm."""
@@ -125,6 +129,14 @@ class Admin(ResidualScheme):
     def residual(self, d_model: int, n_sublayers: int, admin_omega: str) -> Residual:
         init = 1.0 if admin_omega == "profile" else calculate_init(n_sublayers, admin_omega)
         return OmegaResidual(init, as_parameter=True, embed_dim=d_model)
+
+    def calibrate(self, model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: int = 0) -> dict | None:
+        """Profiled omega (``transformer_ln.admin.admin_init``) when ``admin_omega='profile'``."""
+        if model.cfg.admin_omega != "profile":
+            return None
+        from .admin import admin_init  # admin builds on this module
+
+        return admin_init(model, src, tgt_in, seed=seed)
 
 
 SCHEMES: dict[str, ResidualScheme] = {"post_ln": PostLN(), "pre_ln": PreLN(), "admin": Admin()}

@@ -23,11 +23,12 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt_lib
-from .admin import admin_init, omega_stats
+from .admin import omega_stats
 from .config import ConfigError, RunConfig, apply_overrides, load_run_config
 from .errors import UserError
 from .losses import label_smoothed_nll_loss
 from .model import Seq2SeqTransformer
+from .residual import get_scheme
 from .schedule import inverse_sqrt_lr
 
 # What `transformer-ln train` runs without a CONFIG: a small model on the built-in corpus, a few CPU minutes.
@@ -157,8 +158,8 @@ class Trainer:
         self.model = self.model.to(acc.device)
         if resume:
             self._load_last()
-        elif cfg.model.residual == "admin" and cfg.model.admin_omega == "profile":
-            self._profile_admin()
+        else:
+            self._calibrate()
         self.raw_model = self.model
         train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.model, self.optimizer = acc.prepare(train_model, self.optimizer)
@@ -217,11 +218,12 @@ class Trainer:
         self.state.status = "running"
         self.log(f"resumed from {last} at update {self.state.update}, epoch {self.state.epoch}")
 
-    def _profile_admin(self) -> None:
-        """Admin's profiling on the first global batch, identical on every process (no broadcast needed)."""
-        from .data import collate
+    def _calibrate(self) -> None:
+        """The scheme's data-dependent initialisation (Admin's profiling) on the first global batch.
 
-        from .data import TokenBatchSampler
+        Every process builds the same batch from the same seed, so every process ends with the same omega.
+        """
+        from .data import TokenBatchSampler, collate
 
         whole = TokenBatchSampler([len(s) for s in self.train_src], [len(t) for t in self.train_tgt],
                                   self.cfg.train.max_tokens, seed=self.cfg.train.seed, shuffle=True)
@@ -229,7 +231,10 @@ class Trainer:
         first = next(iter(whole))
         batch = self._to_device(collate([{"src_ids": self.train_src[i], "tgt_ids": self.train_tgt[i]}
                                          for i in first]))
-        profile = admin_init(self.model, batch["src"], batch["tgt_in"], seed=self.cfg.train.seed)
+        profile = get_scheme(self.cfg.model.residual).calibrate(self.model, batch["src"], batch["tgt_in"],
+                                                                seed=self.cfg.train.seed)
+        if profile is None:
+            return
         if self.accelerator.is_main_process:
             (self.run_dir / "profile.json").write_text(json.dumps(profile, indent=1))
         self.log(f"Admin profile: encoder omega {profile['encoder'][0]:.3f} .. {profile['encoder'][-1]:.3f}, "
@@ -364,7 +369,7 @@ class Trainer:
                 record = {"kind": "train", "update": st.update, "epoch": st.epoch, "loss": stats["loss"],
                           "nll": stats["nll"], "lr": lr, "grad_norm": stats["grad_norm"],
                           "tokens_per_s": stats["ntokens"] / dt, "ntokens": stats["ntokens"]}
-                omegas = omega_stats(self.raw_model) if cfg.model.residual == "admin" else None
+                omegas = omega_stats(self.raw_model)
                 if omegas:
                     record.update(omegas)
                 self.write_metrics(record)

@@ -12,9 +12,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..admin import admin_init
 from ..config import ModelConfig
 from ..model import Seq2SeqTransformer
+from ..residual import get_scheme
 from .batch import random_batch
 from .output_change import output_change
 
@@ -36,16 +36,15 @@ def fit(n: Iterable[float], y: Iterable[float]) -> dict[str, dict[str, float] | 
 def build_model(residual: str, n_enc_layers: int, d_model: int = 512, n_heads: int = 8, d_ff: int | None = None,
                 vocab_size: int = 1000, n_dec_layers: int = 1, dropout: float = 0.1, seed: int = 0,
                 batch: dict[str, torch.Tensor] | None = None, **model_kw) -> Seq2SeqTransformer:
-    """A freshly initialised model; Admin with ``admin_omega='profile'`` is profiled on ``batch`` (train mode)."""
+    """A freshly initialised model, calibrated by its scheme (Admin's profiling) on ``batch`` or a random one."""
     cfg = ModelConfig(src_vocab_size=vocab_size, tgt_vocab_size=vocab_size, d_model=d_model, n_heads=n_heads,
                       d_ff=d_ff or 4 * d_model, n_enc_layers=n_enc_layers, n_dec_layers=n_dec_layers,
                       dropout=dropout, residual=residual, **model_kw)
     torch.manual_seed(seed)
     model = Seq2SeqTransformer(cfg)
-    if residual == "admin" and cfg.admin_omega == "profile":
-        if batch is None:
-            raise ValueError("profiling Admin needs a batch")
-        admin_init(model, batch["src"], batch["tgt_in"], seed=seed)
+    if batch is None:
+        batch = random_batch(vocab_size, seed=seed)
+    get_scheme(residual).calibrate(model, batch["src"], batch["tgt_in"], seed=seed)
     return model.eval()
 
 
