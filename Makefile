@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/transformer-ln train --cpu
+	$(VENV)/bin/transformer-ln train --cpu --overwrite
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
