@@ -24,7 +24,7 @@ from torch import nn
 
 from .residual import OmegaResidual, calculate_init
 
-__all__ = ["calculate_init", "as_module", "OmegaResidual", "admin_init", "omega_stats"]
+__all__ = ["calculate_init", "as_module", "OmegaResidual", "admin_init", "omega_stats", "omega_summary"]
 
 
 def as_module(num_res_layers: int, output_change_scale: str = "O(logn)", as_parameter: bool = False,
@@ -93,10 +93,19 @@ def admin_init(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: 
     return profile
 
 
-def omega_stats(model: nn.Module) -> dict[str, float] | None:
-    """min/mean/max of all omega entries (for training logs), or None for a model without Admin residuals."""
+def omega_summary(model: nn.Module) -> torch.Tensor | None:
+    """[min, mean, max] of all omega entries as one device tensor (no host sync), or None without Admin."""
     omegas = [m.omega.detach().float().reshape(-1) for m in model.modules() if isinstance(m, OmegaResidual)]
     if not omegas:
         return None
     flat = torch.cat(omegas)
-    return {"omega_min": flat.min().item(), "omega_mean": flat.mean().item(), "omega_max": flat.max().item()}
+    return torch.stack([flat.min(), flat.mean(), flat.max()])
+
+
+def omega_stats(model: nn.Module) -> dict[str, float] | None:
+    """min/mean/max of all omega entries (for logs), or None for a model without Admin residuals."""
+    summary = omega_summary(model)
+    if summary is None:
+        return None
+    lo, mean, hi = summary.tolist()
+    return {"omega_min": lo, "omega_mean": mean, "omega_max": hi}

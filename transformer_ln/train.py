@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt_lib
-from .admin import omega_stats
+from .admin import omega_summary
 from .config import ConfigError, RunConfig, apply_overrides, load_run_config
 from .errors import UserError
 from .losses import label_smoothed_nll_loss
@@ -303,10 +303,14 @@ class Trainer:
         gnorm = acc.clip_grad_norm_(self.model.parameters(), clip)
         sums = acc.reduce(torch.stack([loss_acc, nll_acc]), reduction="sum")
         gnorm = torch.as_tensor(gnorm, device=acc.device, dtype=torch.float32).reshape(())
-        stats = torch.cat([sums / counts, gnorm[None], counts]).tolist()  # the one host sync of an update
-        loss_v, nll_v, gnorm_v, tokens = stats
-        return {"loss": loss_v / math.log(2), "nll": nll_v / math.log(2), "grad_norm": gnorm_v,
-                "ntokens": int(tokens)}
+        omega = omega_summary(self.raw_model)  # Admin's omega before this update; None for other schemes
+        parts = [sums / counts, gnorm[None], counts] + ([omega] if omega is not None else [])
+        stats = torch.cat(parts).tolist()  # the one host sync of an update
+        loss_v, nll_v, gnorm_v, tokens = stats[:4]
+        out = {"loss": loss_v / math.log(2), "nll": nll_v / math.log(2), "grad_norm": gnorm_v, "ntokens": int(tokens)}
+        if omega is not None:
+            out.update(omega_min=stats[4], omega_mean=stats[5], omega_max=stats[6])
+        return out
 
     def _empty_batch(self) -> dict:
         one = torch.full((1, 2), 4, dtype=torch.long)
@@ -369,9 +373,7 @@ class Trainer:
                 record = {"kind": "train", "update": st.update, "epoch": st.epoch, "loss": stats["loss"],
                           "nll": stats["nll"], "lr": lr, "grad_norm": stats["grad_norm"],
                           "tokens_per_s": stats["ntokens"] / dt, "ntokens": stats["ntokens"]}
-                omegas = omega_stats(self.raw_model)
-                if omegas:
-                    record.update(omegas)
+                record.update({k: v for k, v in stats.items() if k.startswith("omega_")})
                 self.write_metrics(record)
                 bar.update(1)
                 if st.update % t_cfg.log_every == 0 or st.update == 1:
