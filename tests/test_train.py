@@ -1,6 +1,5 @@
 """Training end to end on the built-in corpus: resume, divergence, processes, learning, CLI errors."""
 import json
-import math
 import os
 import subprocess
 import sys
