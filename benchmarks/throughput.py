@@ -276,6 +276,19 @@ def print_table(result: dict, file=sys.stdout) -> None:
         print(line, file=file)
 
 
+def check_device(name: str) -> torch.device:
+    """The device named on the command line, or exit with a message saying what this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        sys.exit(f"error: --device {name!r} is not a device name; use cpu or cuda (cuda:N for one GPU)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {name}: this PyTorch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        sys.exit(f"error: --device {name}: only cpu and cuda are benchmarked")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -290,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write all figures here")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    if args.steps < 1 or args.warmup < 0:
+        p.error(f"--steps must be >= 1 and --warmup >= 0 (got {args.steps} and {args.warmup})")
+    device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = args.shape or (["cpu"] if device.type == "cpu" else ["base", "big", "base18"])

@@ -1,0 +1,51 @@
+"""The benchmark scripts keep running: one CPU step of each, figures that agree with each other.
+
+Why: the scripts are what a user with a GPU runs to fill in the README's table; a script that broke silently would
+only be found on a machine where time is scarce. Speed itself is not asserted here (that is the scripts' job).
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import decode  # noqa: E402
+import throughput  # noqa: E402
+
+
+def test_throughput_script_reports_every_model(tmp_path):
+    out = tmp_path / "bench.json"
+    assert throughput.main(["--device", "cpu", "--steps", "2", "--warmup", "1",
+                            "--schemes", "post_ln", "admin", "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    models = result["models"]
+    assert set(models) == {"nn.Transformer", "post_ln", "admin"}
+    shape = throughput.SHAPES["cpu"]
+    for name, r in models.items():
+        assert len(r["ms_all"]) == 2
+        assert r["tokens_per_s"] == pytest.approx(shape.tokens / (r["ms_per_step"] / 1e3))
+        assert r["ratio"] == pytest.approx(models["nn.Transformer"]["ms_per_step"] / r["ms_per_step"])
+        # like for like: every model starts near the uniform prediction's cross-entropy over the tied vocabulary
+        assert abs(r["loss"] - math.log(shape.vocab)) < 1.5, (name, r["loss"])
+
+
+def test_decode_script_cached_equals_uncached(tmp_path):
+    out = tmp_path / "decode.json"
+    assert decode.main(["--device", "cpu", "--sentences", "3", "--batch", "3", "--out-len", "8", "--repeats", "1",
+                        "--src-len", "5", "9", "--json", str(out)]) == 0
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"cached", "uncached"}
+    assert modes["cached"]["same_as_uncached"] == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [(["--device", "cuda:7"], "cuda"), (["--device", "tpu0"], "tpu0"),
+                                           (["--steps", "0"], "--steps")])
+def test_throughput_bad_arguments_say_what_is_wrong(argv, message, capsys):
+    if argv[1].startswith("cuda") and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(argv)
+    text = str(exc.value.code) + capsys.readouterr().err
+    assert message in text
