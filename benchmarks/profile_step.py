@@ -14,17 +14,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import BASELINE, SHAPES, TorchTransformer, Trainer, make_batch, our_model  # noqa: E402
+from throughput import BASELINE, SCHEMES, SHAPES, TorchTransformer, Trainer, check_device, make_batch, our_model  # noqa: E402,E501
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", default="cpu", choices=list(SHAPES))
-    p.add_argument("--model", nargs="+", default=["post_ln", BASELINE])
+    p.add_argument("--model", nargs="+", default=["post_ln", BASELINE], choices=[*SCHEMES, BASELINE])
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = check_device(args.device)
     shape = SHAPES[args.shape]
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
