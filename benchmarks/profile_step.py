@@ -14,7 +14,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import BASELINE, SCHEMES, SHAPES, TorchTransformer, Trainer, check_device, make_batch, our_model  # noqa: E402,E501
+from throughput import (BASELINE, SCHEMES, SHAPES, TorchTransformer, Trainer, check_device,  # noqa: E402
+                        make_batch, our_model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decode  # noqa: E402
@@ -43,7 +44,7 @@ def test_decode_script_cached_equals_uncached(tmp_path):
 @pytest.mark.parametrize("argv, message", [(["--device", "cuda:7"], "cuda"), (["--device", "tpu0"], "tpu0"),
                                            (["--steps", "0"], "--steps")])
 def test_throughput_bad_arguments_say_what_is_wrong(argv, message, capsys):
-    if argv[1].startswith("cuda") and __import__("torch").cuda.is_available():
+    if argv[1].startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit) as exc:
         throughput.main(argv)
