@@ -39,6 +39,11 @@ def test_inverse_sqrt_schedule_is_fairseqs(t):
     else:
         want = lr * warmup ** 0.5 * t ** -0.5
     assert inverse_sqrt_lr(t, lr, warmup, init) == pytest.approx(want, rel=1e-12)
-    assert inverse_sqrt_lr(warmup, lr, warmup, init) == pytest.approx(lr)
-    assert inverse_sqrt_lr(4 * warmup, lr, warmup, init) == pytest.approx(lr / 2)
-    assert math.isfinite(inverse_sqrt_lr(t, lr, 0))
+    assert inverse_sqrt_lr(t, lr, 0) == pytest.approx(lr / math.sqrt(max(t, 1)), rel=1e-12)
+
+
+def test_inverse_sqrt_schedule_peaks_at_warmup_and_halves_at_four_times_it():
+    lr, warmup, init = 7e-4, 100, 1e-7
+    assert inverse_sqrt_lr(warmup, lr, warmup, init) == pytest.approx(lr, rel=1e-12)
+    assert inverse_sqrt_lr(4 * warmup, lr, warmup, init) == pytest.approx(lr / 2, rel=1e-12)
+    assert inverse_sqrt_lr(warmup - 1, lr, warmup, init) < lr and inverse_sqrt_lr(warmup + 1, lr, warmup, init) < lr

@@ -77,12 +77,16 @@ def test_batch_independence(scheme):
 
 def test_search_restores_training_mode_and_uses_no_grad():
     model = _model("admin")
+    seen = []  # (grad mode, module in train mode) at every forward call inside the search
+    for stack in (model.encoder, model.decoder):
+        stack.register_forward_hook(lambda m, args, out: seen.append((torch.is_grad_enabled(), m.training)))
     model.train()
     beam_search(model, _src([4]), beam=2)
     assert model.training
     model.eval()
     greedy_search(model, _src([4]))
     assert not model.training
+    assert seen and all(grad is False and training is False for grad, training in seen), seen
 
 
 def _reference_beam(model, src_row: torch.Tensor, K: int, lenpen: float, max_len: int) -> list[int]:
