@@ -1,6 +1,6 @@
 import pytest
 
-from transformer_ln import ConfigError, ModelConfig, RunConfig, load_run_config
+from transformer_ln import ConfigError, ModelConfig, RunConfig, UserError, load_run_config
 from transformer_ln.config import apply_overrides
 
 
@@ -81,3 +81,84 @@ def test_overrides_do_not_mutate_their_input():
     base = {"model": {"d_model": 64}}
     out = apply_overrides(base, ["model.d_model=128"])
     assert base["model"]["d_model"] == 64 and out["model"]["d_model"] == 128
+
+
+def _float_fields():
+    import dataclasses
+    import typing
+
+    from transformer_ln.config import DataConfig, OptimConfig, TrainConfig
+
+    for cls in (ModelConfig, DataConfig, OptimConfig, TrainConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] is float or typing.get_origin(hints[f.name]) is tuple:
+                yield cls._prefix + f.name
+
+
+@pytest.mark.parametrize("key", list(_float_fields()))
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+def test_nan_and_inf_are_rejected_for_every_float_field(key, bad):
+    value = f"[0.9, {bad}]" if key == "optim.betas" else bad
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*finite"):
+        load_run_config(None, [f"{key}={value}", "train.max_updates=1"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.seed=-1", "0 .. 4294967295"),
+    ("train.seed=4294967296", "0 .. 4294967295"),
+    ("model.max_positions=1", "at least 2"),
+    ("train.mixed_precision=fp8", "'bf16'"),
+    ("optim.name=sgd", "'radam'"),
+])
+def test_out_of_range_values_are_one_line(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, [override])
+    assert needle in str(e.value) and override.split("=")[0] in str(e.value) and "\n" not in str(e.value)
+
+
+def test_choice_fields_are_literal_types():
+    import typing
+
+    from transformer_ln.config import RESIDUALS
+    from transformer_ln.sections import choices
+
+    hints = typing.get_type_hints(ModelConfig)
+    assert typing.get_origin(hints["residual"]) is typing.Literal and choices(hints["residual"]) == RESIDUALS
+
+
+def test_one_config_grammar_with_options_anywhere(tmp_path):
+    import transformer_ln.data.cli as data_cli
+    import transformer_ln.train as train_mod
+    from transformer_ln.cli import config_from_arguments
+    from transformer_ln.diagnostics.cli import build_parser
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  d_model: 64\n  n_heads: 4\ntrain:\n  max_updates: 10\n")
+    args = train_mod.parse_args([str(path), "--cpu", f"train.out_dir={tmp_path}/x", "--overwrite", "optim.lr=1e-3"])
+    assert args.cpu and args.overwrite
+    cfg = train_mod.config_from_args(args)
+    assert (cfg.model.d_model, cfg.optim.lr, cfg.train.out_dir) == (64, 1e-3, f"{tmp_path}/x")
+    args = data_cli._parser().parse_intermixed_args(["stats", str(path), "--json", "s.json", "train.max_tokens=99"])
+    assert config_from_arguments(args.args).train.max_tokens == 99 and args.json == "s.json"
+    args = build_parser("dependency").parse_intermixed_args(["model.d_model=64", "--out", "o", "model.n_heads=4"])
+    assert config_from_arguments(args.overrides).model.d_model == 64
+    with pytest.raises(UserError, match="unexpected argument 'oops'"):
+        config_from_arguments([str(path), "optim.lr=1", "oops"])
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML at line 2"):
+        (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+        config_from_arguments([str(tmp_path / "bad.yaml")])
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from transformer_ln.atomic import write_text, write_with
+
+    target = write_text(tmp_path / "f.json", "old")
+
+    def half(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_with(target, half)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]

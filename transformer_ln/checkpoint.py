@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_file, save_model as st_save_model
 
+from .atomic import replace_dir
 from .config import ConfigError, RunConfig
 from .errors import UserError
 
@@ -41,18 +42,6 @@ def update_checkpoints(run_dir: Path) -> list[Path]:
         return []
     return sorted((p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
                    and p.name[len(PREFIX):].isdigit()), key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final`` so that ``final`` is always either complete or absent-then-complete."""
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def rng_state() -> dict:
@@ -94,7 +83,7 @@ def save_checkpoint(run_dir: Path, update: int, model: torch.nn.Module, optimize
         cfg.save(tmp / "config.yaml")
     _barrier(accelerator)
     if is_main:
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     _barrier(accelerator)
     return final
 
@@ -115,7 +104,7 @@ def copy_as(src: Path, name: str) -> Path:
     tmp = src.parent / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     return final
 
 
@@ -213,7 +202,7 @@ def average_checkpoints(run_dir: str | Path, last: int) -> Path:
     tmp.mkdir(parents=True)
     save_file(averaged, str(tmp / "model.safetensors"), metadata={"averaged": ",".join(p.name for p in chosen)})
     shutil.copy(chosen[-1] / "config.yaml", tmp / "config.yaml")
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 

@@ -1,9 +1,16 @@
-"""``transformer-ln``: one entry point, one subcommand per job; each subcommand owns its own arguments."""
+"""``transformer-ln``: one entry point, one subcommand per job; each subcommand owns its own arguments.
+
+Every command that builds a config (``train``, ``data``, ``analyze``) reads it with one grammar: an optional
+``CONFIG.yaml`` first, then dotted ``section.key=value`` overrides, with options allowed anywhere in between
+(``parse_intermixed_args``). A bad argument is one line on stderr, never a usage dump or a traceback.
+"""
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -32,6 +39,58 @@ Start with:
   transformer-ln analyze dependency --out figs model.residual=post_ln
 Run `transformer-ln COMMAND --help` for a command's options.
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one ``UserError`` line (``--help`` still prints and exits)."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+CONFIG_METAVAR = "[CONFIG.yaml] [section.key=value ...]"
+
+
+def add_config_arguments(p: argparse.ArgumentParser, dest: str = "args") -> None:
+    """The positional part of the config grammar; parse with ``parse_intermixed_args`` so options go anywhere."""
+    p.add_argument(dest, nargs="*", metavar=CONFIG_METAVAR,
+                   help="an optional YAML config, then dotted overrides such as optim.lr=7e-4")
+
+
+def split_config_arguments(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] overrides...`` -> (CONFIG or None, overrides); anything else out of place is one clear line."""
+    items = list(items)
+    config = items.pop(0) if items and "=" not in items[0] else None
+    if config is not None and not config.endswith((".yaml", ".yml")) and not Path(config).is_file():
+        items.insert(0, config)  # not a config file either: report it as the stray argument it is
+        config = None
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"unexpected argument {item!r}: give an optional CONFIG.yaml first, then "
+                            "section.key=value overrides (options such as --cpu may go anywhere)")
+    return config, items
+
+
+def config_from_arguments(items: list[str], defaults: dict | None = None, resume_dir: str | Path | None = None):
+    """The ``RunConfig`` a command line describes.
+
+    ``CONFIG`` replaces ``defaults`` (the built-in ``RunConfig()`` when ``None``); with ``resume_dir`` the base is
+    that run's ``config.yaml`` and a CONFIG is refused. Overrides apply last.
+    """
+    from .config import RunConfig
+    from .sections import apply_overrides, read_yaml_mapping
+
+    config, overrides = split_config_arguments(items)
+    if resume_dir is not None:
+        if config is not None:
+            raise UserError(f"give either --resume RUN_DIR or a CONFIG ({config}), not both (overrides are "
+                            "allowed)")
+        base = read_yaml_mapping(Path(resume_dir) / "config.yaml")
+    elif config is not None:
+        base = read_yaml_mapping(config)
+    else:
+        base = RunConfig().to_dict() if defaults is None else defaults
+    return RunConfig.from_dict(apply_overrides(base, overrides))
 
 
 def usage() -> str:

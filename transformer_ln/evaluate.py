@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_lib
+from .atomic import write_text
 from .errors import UserError
 
 
@@ -105,8 +106,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     scores = bleu_and_chrf(hyps, [r for _, r in pairs])
     scores.update(split=split, checkpoint=checkpoint, beam=beam or t.beam)
     if is_main:
-        (run_dir / f"eval_{split}.json").write_text(json.dumps(scores, indent=1))
-        (run_dir / f"hyps_{split}.txt").write_text("\n".join(hyps) + "\n")
+        write_text(run_dir / f"hyps_{split}.txt", "\n".join(hyps) + "\n")
+        write_text(run_dir / f"eval_{split}.json", json.dumps(scores, indent=1))
         print(f"{split}: BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  ({scores['n']} sentences)\n"
               f"  {scores['bleu_signature']}\n  {scores['chrf_signature']}")
     return scores

@@ -7,6 +7,7 @@ Each run is a separate ``transformer_ln.train`` process (optionally under ``acce
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_text
 from .errors import UserError
 
 AXES = ("residual", "depth", "lr", "warmup", "seed")
@@ -110,11 +112,12 @@ def collect(out: Path) -> list[dict]:
                      "status": s["status"], "diverged_at": s.get("diverged_at"),
                      "best_valid_loss": s.get("best_valid_loss"), "best_valid_nll": s.get("best_valid_nll"),
                      "test_bleu": bleu, "updates": s.get("updates"), "wall_time_s": s.get("wall_time_s")})
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    (out / "results.md").write_text(markdown_table(rows))
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(out / "results.csv", table.getvalue())
+    write_text(out / "results.md", markdown_table(rows))
     return rows
 
 

@@ -23,8 +23,9 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt_lib
+from .atomic import write_text
 from .admin import omega_summary
-from .config import ConfigError, RunConfig, apply_overrides, load_run_config
+from .config import RunConfig
 from .errors import UserError
 from .losses import label_smoothed_nll_loss
 from .model import Seq2SeqTransformer
@@ -236,7 +237,7 @@ class Trainer:
         if profile is None:
             return
         if self.accelerator.is_main_process:
-            (self.run_dir / "profile.json").write_text(json.dumps(profile, indent=1))
+            write_text(self.run_dir / "profile.json", json.dumps(profile, indent=1))
         self.log(f"Admin profile: encoder omega {profile['encoder'][0]:.3f} .. {profile['encoder'][-1]:.3f}, "
                  f"decoder {profile['decoder'][0]:.3f} .. {profile['decoder'][-1]:.3f}")
 
@@ -412,9 +413,7 @@ class Trainer:
                 self.save()
         summary = self.summary()
         if acc.is_main_process:
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=1))
-            tmp.replace(self.run_dir / "summary.json")
+            write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         if acc.trackers:
             acc.end_training()
         return summary
@@ -481,45 +480,36 @@ class Trainer:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    from .cli import Parser, add_config_arguments
+
+    p = Parser(
         prog="transformer-ln train",
         description="Train a Post-LN, Pre-LN or Admin encoder-decoder. Without CONFIG: a small model on the "
-                    "built-in synthetic corpus (a few CPU minutes). Settings are `section.key=value` overrides.",
+                    "built-in synthetic corpus (a few CPU minutes). Settings are `section.key=value` overrides; "
+                    "options may come anywhere.",
         epilog="examples:\n  transformer-ln train --cpu\n"
                "  transformer-ln train experiments/configs/cpu_synthetic.yaml model.residual=admin "
                "model.n_enc_layers=12\n  transformer-ln train --resume runs/demo train.max_updates=2000\n"
                "  accelerate launch -m transformer_ln.train CONFIG.yaml model.residual=pre_ln",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value ...]",
-                   help="an optional YAML config, then dotted overrides such as optim.lr=7e-4")
+    add_config_arguments(p)
     p.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in train.out_dir first")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    items = list(args.args)
-    config_path = None
-    if items and "=" not in items[0]:
-        config_path = items.pop(0)
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"unexpected argument {item!r}: give CONFIG first, then section.key=value overrides")
+    from .cli import config_from_arguments
+
     if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        if not Path(args.resume).is_dir():
-            raise UserError(f"cannot resume: run directory {args.resume} does not exist")
-        if not saved.is_file():
-            raise UserError(f"cannot resume: {saved} is missing, so {args.resume} is not a run directory")
-        if config_path:
-            raise UserError("give either --resume RUN_DIR or a CONFIG, not both (overrides are allowed)")
-        import yaml
-        base = yaml.safe_load(saved.read_text())
-        return RunConfig.from_dict(apply_overrides(base, items + [f"train.out_dir={args.resume}"]))
-    if config_path is None:
-        return RunConfig.from_dict(apply_overrides(DEMO, items))
-    return load_run_config(config_path, items)
+        run = Path(args.resume)
+        if not run.is_dir():
+            raise UserError(f"cannot resume: run directory {run} does not exist")
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"cannot resume: {run / 'config.yaml'} is missing, so {run} is not a run directory")
+        return config_from_arguments(list(args.args) + [f"train.out_dir={run}"], resume_dir=run)
+    return config_from_arguments(args.args, defaults=DEMO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import RunConfig, apply_overrides, load_run_config
-from ..errors import UserError
+from ..atomic import write_text
+from ..cli import Parser, add_config_arguments, config_from_arguments
 from .batching import TokenBatchSampler
 from .prepare import prepare_data
 from .tokenizer import UNK
@@ -23,11 +23,9 @@ PERCENTILES = (50, 90, 95, 99)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="transformer-ln data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="transformer-ln data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["stats"], help="what to do (only 'stats' for now)")
-    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
-                   help="an optional YAML config, then dotted overrides, e.g. train.max_tokens=4096")
+    add_config_arguments(p)
     p.add_argument("--out", metavar="DIR", help="run directory for tokenizer.json and the cache "
                    "(default: a temporary directory, deleted afterwards)")
     p.add_argument("--json", metavar="FILE", help="also write the statistics to FILE as JSON")
@@ -88,18 +86,7 @@ def main(argv: list[str]) -> int:
         _parser().print_help()
         return 2
     args = _parser().parse_intermixed_args(argv)
-    config_path = None
-    overrides = list(args.args)
-    if overrides and overrides[0].endswith((".yaml", ".yml")):
-        config_path = overrides.pop(0)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise UserError(f"unexpected argument {bad[0]!r}: give an optional CONFIG.yaml first, then overrides like "
-                        f"train.max_tokens=4096")
-    if config_path is None:  # built-in defaults plus overrides (a lone train.* override keeps train.max_epochs)
-        cfg = RunConfig.from_dict(apply_overrides(RunConfig().to_dict(), overrides))
-    else:
-        cfg = load_run_config(config_path, overrides)
+    cfg = config_from_arguments(args.args)  # without CONFIG: the built-in defaults, so train.max_epochs stays set
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import datasets
 
@@ -111,6 +98,6 @@ def main(argv: list[str]) -> int:
             stats = compute_stats(cfg, Path(tmp))
     print(format_stats(stats))
     if args.json:
-        Path(args.json).write_text(json.dumps(stats, indent=2) + "\n")
+        write_text(args.json, json.dumps(stats, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator, Sequence
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from ..atomic import write_with
 from ..errors import UserError
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -67,7 +68,5 @@ def build_tokenizer(pairs: Sequence[tuple[str, str]], vocab_size: int, path: Pat
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tok.save(str(tmp))
-        tmp.replace(path)  # atomic: a crash never leaves half a tokenizer behind
+        write_with(path, lambda tmp: tok.save(str(tmp)))  # a crash never leaves half a tokenizer behind
     return tok

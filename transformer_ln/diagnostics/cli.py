@@ -15,16 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import RESIDUALS, ModelConfig, load_run_config
+from ..atomic import write_text
+from ..cli import Parser, add_config_arguments, config_from_arguments
+from ..config import RESIDUALS, ModelConfig
 from ..errors import UserError
 
 FIELDS_SET_BY_SWEEP = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
                        "n_dec_layers", "residual")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump, no SystemExit
-        raise UserError(f"{self.prog}: {message}")
 
 
 def _csv(kind):
@@ -37,7 +34,7 @@ def _csv(kind):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", help="dotted config overrides for a fresh model, e.g. model.residual=admin")
+    add_config_arguments(p, dest="overrides")  # for a fresh model, e.g. model.residual=admin
     p.add_argument("--run", type=Path, help="a run directory: analyse its checkpoint instead of a fresh model")
     p.add_argument("--which", default="best", help="which checkpoint of --run (default: best)")
     p.add_argument("--out", type=Path, required=True, help="folder for the JSON and the figures")
@@ -57,7 +54,7 @@ HELP = {"dependency": "residual-branch dependency beta_{i,j} heatmaps",
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one subcommand (options and overrides may be interleaved)."""
-    p = _Parser(prog=f"transformer-ln analyze {command}", description=HELP[command])
+    p = Parser(prog=f"transformer-ln analyze {command}", description=HELP[command])
     if command == "curves":
         p.add_argument("runs", nargs="+", type=Path, help="run directories holding metrics.jsonl")
         p.add_argument("--out", type=Path, required=True, help="folder for the JSON and the figures")
@@ -82,7 +79,7 @@ def usage() -> str:
 
 
 def _fresh_config(args) -> tuple[ModelConfig, list[str]]:
-    model = load_run_config(None, args.overrides).model
+    model = config_from_arguments(args.overrides, defaults={}).model
     if model.src_vocab_size is None or model.tgt_vocab_size is None:
         model = dataclasses.replace(model, src_vocab_size=model.src_vocab_size or args.vocab,
                                     tgt_vocab_size=model.tgt_vocab_size or args.vocab)
@@ -152,8 +149,7 @@ def _to_json(obj: Any) -> Any:
 
 def write_json(obj: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_to_json(obj), indent=1) + "\n")
-    return path
+    return write_text(path, json.dumps(_to_json(obj), indent=1) + "\n")
 
 
 def _report(paths: list[Path]) -> None:
