@@ -4,11 +4,12 @@ from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig
 from .errors import UserError
 from .layers import CrossAttention, FeedForward, SelfAttention
 from .model import DecoderLayer, EncoderLayer, Seq2SeqTransformer, init_weights
+from .rnn import LayerNormLSTM, LayerNormRNN
 from .residual import SCHEMES, OmegaResidual, Residual, ResidualScheme, Sublayer, calculate_init
 
 __all__ = [
     "admin_init", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
     "load_run_config", "UserError", "CrossAttention", "FeedForward", "SelfAttention", "DecoderLayer", "EncoderLayer",
     "Seq2SeqTransformer", "init_weights", "SCHEMES", "OmegaResidual", "Residual", "ResidualScheme", "Sublayer",
-    "calculate_init",
+    "calculate_init", "LayerNormLSTM", "LayerNormRNN",
 ]
