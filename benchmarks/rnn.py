@@ -7,7 +7,7 @@ LN-LSTM is usually written. Each measures forward, a sum over the outputs, and b
 the optimizer), and forward alone under ``no_grad``; the models' steps are interleaved in one process so that the
 ratios survive a shared machine. Medians over ``--steps`` after ``--warmup``.
 
-    python benchmarks/rnn.py                                  # the LM shape of experiments/lstm_lm.py, 1 thread
+    python benchmarks/rnn.py                                  # 30 x 32 sequences, 128 -> 256, 1 thread
     python benchmarks/rnn.py --seq 50 --batch 64 --input 256 --hidden 512 --threads 2 --json out.json
 """
 from __future__ import annotations
