@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformer_ln.atomic import write_text  # noqa: E402
 from transformer_ln.rnn import LayerNormLSTM  # noqa: E402
 
 BASELINE = "nn.LSTM"
@@ -119,9 +120,7 @@ def main(argv=None) -> int:
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "machine": platform.machine(),
                 "threads": args.threads, "shape": vars(args) | {"json": None}}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        tmp.replace(args.json)
+        write_text(args.json, json.dumps({"meta": meta, "results": results}, indent=1))
     return 0
 
 

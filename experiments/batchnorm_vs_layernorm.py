@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformer_ln import ln_study  # noqa: E402
+from transformer_ln.atomic import write_text  # noqa: E402
 from transformer_ln.cli import run_command  # noqa: E402
 from transformer_ln.sweep import Point, run_grid  # noqa: E402
 
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
     for r in rows:
         r["run"] = str(Path(r["run"]).relative_to(args.out))
     table = ln_study.norm_table(rows)
-    (args.out / "bn_results.md").write_text(table)
+    write_text(args.out / "bn_results.md", table)
     ln_study.write_csv(rows, args.out / "bn_results.csv")
     for r in rows:
         r["run"] = str(args.out / r["run"])

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformer_ln import LayerNormLSTM, LayerNormRNN, ModelConfig, Seq2SeqTransformer  # noqa: E402
 from transformer_ln import ln_study  # noqa: E402
+from transformer_ln.atomic import write_text  # noqa: E402
 
 FACTOR = 3.0
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     rows = recurrent_rows(args.seed) + transformer_rows(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(rows)
-    (args.out / "rescaling.md").write_text(text)
+    write_text(args.out / "rescaling.md", text)
     ln_study.write_csv(rows, args.out / "rescaling.csv")
     print(text)
     return 0

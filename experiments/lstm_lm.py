@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformer_ln import ln_study  # noqa: E402
+from transformer_ln.atomic import write_text  # noqa: E402
 from transformer_ln.errors import UserError  # noqa: E402
 from transformer_ln.lm import LMConfig, load_texts, train_lm  # noqa: E402
 
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
         return 2
     runs = ln_study.read_lm_runs(runs_dir)
     table, rows = ln_study.lm_table(runs)
-    (args.out / "lm_results.md").write_text(table)
+    write_text(args.out / "lm_results.md", table)
     ln_study.write_csv(rows, args.out / "lm_results.csv")
     what = "Multi30k English" if args.source == "files" else "built-in corpus"
     ln_study.plot_lm_curves(runs, args.out / "lstm_vs_lnlstm_valid_ppl.png",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 
+from .atomic import write_text
 from .data.synthetic import synthetic_splits
 from .data.tokenizer import BOS, EOS, PAD, SPECIALS
 from .errors import UserError
@@ -177,12 +178,6 @@ def evaluate_nll(model: RecurrentLM, data: list[list[int]], batch_size: int = 12
     return total / count
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 def train_lm(cfg: LMConfig, out_dir: Optional[str | Path] = None, progress: bool = False,
              texts: Optional[dict[str, list[str]]] = None) -> dict:
     """Train one LM; return its summary (and write ``config.json``, ``metrics.jsonl``, ``summary.json``).
@@ -202,7 +197,7 @@ def train_lm(cfg: LMConfig, out_dir: Optional[str | Path] = None, progress: bool
     metrics_file = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", asdict(cfg))
+        write_text(out / "config.json", json.dumps(asdict(cfg), indent=1))
         metrics_file = open(out / "metrics.jsonl", "w")
     history, losses, status, diverged_at, t0 = [], [], "completed", None, time.perf_counter()
 
@@ -252,5 +247,5 @@ def train_lm(cfg: LMConfig, out_dir: Optional[str | Path] = None, progress: bool
                "vocab_size": tok.get_vocab_size(), "train_sentences": len(train), "valid_sentences": len(valid),
                "parameters": sum(p.numel() for p in model.parameters()), "history": history}
     if out is not None:
-        _write_json(out / "summary.json", summary)
+        write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -13,6 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .atomic import write_with
+
 NORM_LABELS = {"layernorm": "LN-LSTM", None: "LSTM"}
 NORM_COLORS = {"layernorm": "tab:blue", None: "tab:red", "batchnorm": "tab:orange"}
 
@@ -95,14 +97,14 @@ def lm_table(runs: list[dict]) -> tuple[str, list[dict]]:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    write_with(path, write)
 
 
 def _figure(width: float, height: float, ncols: int = 1):
@@ -115,10 +117,7 @@ def _figure(width: float, height: float, ncols: int = 1):
 def _save_png(fig, path: str | Path, dpi: int = 130) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    tmp.replace(path)
-    return path
+    return write_with(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def _plain_log_ticks(ax) -> None:
