@@ -6,6 +6,21 @@ from transformer_ln import ModelConfig, Seq2SeqTransformer
 
 SCHEME_NAMES = ("post_ln", "pre_ln", "admin")
 
+# A training run small enough for a test: a few updates of a 2-layer model on 400 synthetic pairs.
+TINY_RUN = {
+    "model": {"d_model": 32, "n_heads": 4, "d_ff": 64, "n_enc_layers": 2, "n_dec_layers": 2, "dropout": 0.1,
+              "share_embeddings": True, "max_positions": 128},
+    "data": {"source": "synthetic", "synthetic_size": 400, "vocab_size": 200},
+    "optim": {"lr": 1e-3, "warmup_updates": 10},
+    "train": {"max_tokens": 600, "max_updates": 6, "bleu_at_end": False, "log_every": 1},
+}
+
+
+def tiny_run_config(out_dir, *overrides):
+    from transformer_ln.config import RunConfig, apply_overrides
+
+    return RunConfig.from_dict(apply_overrides(TINY_RUN, [f"train.out_dir={out_dir}", *overrides]))
+
 
 def tiny_config(residual: str = "post_ln", **kw) -> ModelConfig:
     base = dict(src_vocab_size=50, tgt_vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_enc_layers=2,

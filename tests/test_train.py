@@ -9,27 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import transformer_ln.train as train_mod
+import transformer_ln.update as update_mod
 from transformer_ln.checkpoint import average_checkpoints, load_model, update_checkpoints
-from transformer_ln.config import RunConfig, apply_overrides
 from transformer_ln.train import Trainer
 
+from conftest import tiny_run_config
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "model": {"d_model": 32, "n_heads": 4, "d_ff": 64, "n_enc_layers": 2, "n_dec_layers": 2, "dropout": 0.1,
-              "share_embeddings": True, "max_positions": 128},
-    "data": {"source": "synthetic", "synthetic_size": 400, "vocab_size": 200},
-    "optim": {"lr": 1e-3, "warmup_updates": 10},
-    "train": {"max_tokens": 600, "max_updates": 6, "bleu_at_end": False, "log_every": 1},
-}
-
-
-def tiny_cfg(out_dir, *overrides) -> RunConfig:
-    return RunConfig.from_dict(apply_overrides(TINY, [f"train.out_dir={out_dir}", *overrides]))
 
 
 def train(out_dir, *overrides, resume=False) -> dict:
-    return Trainer(tiny_cfg(out_dir, *overrides), cpu=True, resume=resume, quiet=True).run()
+    return Trainer(tiny_run_config(out_dir, *overrides), cpu=True, resume=resume, quiet=True).run()
 
 
 def metrics(run_dir, kind="train"):
@@ -55,14 +45,14 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_nan_loss_ends_the_run_as_diverged_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
-    real, calls = train_mod.compute_loss, {"n": 0}
+    real, calls = update_mod.compute_loss, {"n": 0}
 
-    def poisoned(model, batch, eps, pad_id):
-        calls["n"] += 1
+    def poisoned(model, batch, eps, pad_id):  # training batches from the 4th on (the guard's probes run in eval)
+        calls["n"] += model.training
         loss, nll = real(model, batch, eps, pad_id)
-        return (loss * float("nan"), nll) if calls["n"] >= 4 else (loss, nll)
+        return (loss * float("nan"), nll) if calls["n"] >= 4 and model.training else (loss, nll)
 
-    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(update_mod, "compute_loss", poisoned)
     summary = train(tmp_path, "train.max_updates=20", "train.save_every=1", "train.diverge_patience=3")
     assert summary["status"] == "diverged" and summary["diverged_at"] == 4 and summary["updates"] == 3
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
@@ -89,7 +79,7 @@ def test_two_processes_match_one_process_with_double_update_freq(tmp_path):
     one = train(tmp_path / "one", *common, "train.update_freq=2")
     assert one["status"] == "completed"
     config = tmp_path / "tiny.yaml"
-    tiny_cfg(tmp_path / "two", *common).save(config)
+    tiny_run_config(tmp_path / "two", *common).save(config)
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "-m", "transformer_ln.train", str(config), "train.update_freq=1", "--cpu"],

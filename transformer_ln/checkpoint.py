@@ -14,7 +14,6 @@ It is written under a temporary name and renamed into place, so a crash leaves e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -26,13 +25,15 @@ from safetensors.torch import load_file, load_model as st_load_model, save_file,
 
 from .atomic import replace_dir
 from .config import ConfigError, RunConfig
+from .cli import Parser
 from .errors import UserError
+from .rundir import RunDir
 
 PREFIX = "update_"
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def update_checkpoints(run_dir: Path) -> list[Path]:
@@ -141,14 +142,28 @@ def load_run_config_from(ckpt_or_run: Path) -> RunConfig:
     raise UserError(f"no config.yaml found for {ckpt_or_run}")
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load ``model.safetensors`` into ``model``; a corrupt or mismatched file is a clear error."""
+def load_weights(model: torch.nn.Module, ckpt: Path,
+                 hint: str | None = "pick another checkpoint with --checkpoint") -> None:
+    """Load ``model.safetensors`` into ``model``; a corrupt or mismatched file is one line naming the tensor."""
+    from safetensors import safe_open
+
     path = Path(ckpt) / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]} (the file is corrupt or "
+                        f"incomplete{'; ' + hint if hint else ''})") from None
+    own = model.state_dict()
+    for name, shape in shapes.items():
+        if name in own and tuple(own[name].shape) != shape:
+            raise UserError(f"checkpoint {path} does not match the model: tensor {name} has shape {list(shape)} "
+                            f"there but {list(own[name].shape)} in the model built from the config")
     try:
         missing, unexpected = st_load_model(model, str(path), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]} (the file is corrupt or from "
-                        "another model; pick another checkpoint with --checkpoint)") from None
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]} (the file is corrupt or "
+                        f"from another model{'; ' + hint if hint else ''})") from None
     if missing or unexpected:
         raise UserError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}")
@@ -165,14 +180,31 @@ def load_model(run_dir: str | Path, which: str = "best", device: str | torch.dev
     return model.to(device).eval(), cfg
 
 
-def load_optimizer_and_rng(optimizer, ckpt: Path, rank: int = 0) -> None:
+def _load_tensors(path: Path):
+    """``torch.load`` restricted to tensors and plain containers; anything else is refused, never unpickled."""
+    import pickle
+
     try:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-        set_rng_state(torch.load(ckpt / f"rng_{rank}.pt", weights_only=True))
-    except FileNotFoundError as e:
-        raise UserError(f"checkpoint {ckpt} is incomplete ({e.filename} missing); resume from an earlier one") from None
-    except (RuntimeError, ValueError, EOFError) as e:
-        raise UserError(f"checkpoint {ckpt} is corrupt: {str(e).splitlines()[0]}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path.parent} is incomplete ({path.name} is missing)") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds objects other than tensors, so it was not written by transformer-ln; it is "
+                        "not loaded (loading it could run arbitrary code)") from None
+    except (RuntimeError, ValueError, EOFError, OSError) as e:
+        raise UserError(f"checkpoint {path.parent} is corrupt: {path.name}: {str(e).splitlines()[0]}") from None
+
+
+def load_optimizer_and_rng(optimizer, ckpt: Path, rank: int = 0) -> None:
+    ckpt = Path(ckpt)
+    state = _load_tensors(ckpt / "optimizer.pt")
+    rng = _load_tensors(ckpt / f"rng_{rank}.pt")
+    try:
+        optimizer.load_state_dict(state)
+        set_rng_state(rng)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"checkpoint {ckpt} does not fit this run's optimizer or RNG: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def average_checkpoints(run_dir: str | Path, last: int) -> Path:
@@ -207,9 +239,9 @@ def average_checkpoints(run_dir: str | Path, last: int) -> Path:
 
 
 def average_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="transformer-ln average",
-                                description="Average the parameters of a run's last N checkpoints (fairseq's "
-                                            "average_checkpoints) into RUN_DIR/checkpoints/averaged.")
+    p = Parser(prog="transformer-ln average",
+               description="Average the parameters of a run's last N checkpoints (fairseq's "
+                           "average_checkpoints) into RUN_DIR/checkpoints/averaged.")
     p.add_argument("run_dir", help="a training run's train.out_dir")
     p.add_argument("--last", type=int, default=5, help="how many of the latest update checkpoints (default 5)")
     args = p.parse_args(argv)

@@ -15,16 +15,29 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from .atomic import write_text
+from .cli import Parser
 from .errors import UserError
+from .rundir import RunDir
 
 
 def _tokenizer(run_dir: Path):
-    from tokenizers import Tokenizer
+    from .data.tokenizer import load_tokenizer
 
-    path = Path(run_dir) / "tokenizer.json"
+    path = RunDir(run_dir).tokenizer
     if not path.is_file():
         raise UserError(f"{path} is missing; {run_dir} is not a finished training run directory")
-    return Tokenizer.from_file(str(path))
+    return load_tokenizer(path)
+
+
+def _decode_lines(data: bytes, where: str) -> list[str]:
+    """UTF-8 text -> stripped lines; anything else is one line saying where and how to convert it."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); convert it, "
+                        "e.g. `iconv -f latin1 -t utf-8`") from None
+    return [line.strip() for line in text.splitlines()]
 
 
 @torch.no_grad()
@@ -40,10 +53,10 @@ def translate_sentences(model, tokenizer, sentences: list[str], beam: int = 5, l
     device = next(model.parameters()).device
     limit = model.cfg.max_positions
     ids = [tokenizer.encode(s).ids[:limit - 1] + [EOS] for s in sentences]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    order = sorted((i for i in range(len(ids)) if sentences[i].strip()), key=lambda i: len(ids[i]))  # "" -> ""
     out: list[str] = [""] * len(ids)
     i = 0
-    bar = tqdm(total=len(ids), disable=not progress, desc="translating", unit="sent")
+    bar = tqdm(total=len(order), disable=not progress, desc="translating", unit="sent")
     while i < len(order):
         longest = len(ids[order[i]])
         n = max(1, min(len(order) - i, max_tokens // max(longest * beam, 1)))
@@ -78,7 +91,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     """Translate ``split`` of the run's corpus, score it, write ``eval_<split>.json``; returns the scores."""
     from .data import load_corpus
 
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     is_main = accelerator is None or accelerator.is_main_process
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     device = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,8 +120,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     scores = bleu_and_chrf(hyps, [r for _, r in pairs])
     scores.update(split=split, checkpoint=checkpoint, beam=beam or t.beam)
     if is_main:
-        write_text(run_dir / f"hyps_{split}.txt", "\n".join(hyps) + "\n")
-        write_text(run_dir / f"eval_{split}.json", json.dumps(scores, indent=1))
+        write_text(run.hyps_file(split), "\n".join(hyps) + "\n")
+        write_text(run.eval_file(split), json.dumps(scores, indent=1))
         print(f"{split}: BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  ({scores['n']} sentences)\n"
               f"  {scores['bleu_signature']}\n  {scores['chrf_signature']}")
     return scores
@@ -122,24 +136,24 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def translate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="transformer-ln translate",
-                                description="Translate sentences (one per line, stdin or --input) with a trained "
-                                            "run; prints detokenized translations in input order.")
+    p = Parser(prog="transformer-ln translate",
+               description="Translate sentences (one per line, stdin or --input) with a trained "
+                           "run; prints detokenized translations in input order.")
     _common(p)
     p.add_argument("--input", help="a text file with one sentence per line (default: stdin)")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     model, cfg = ckpt_lib.load_model(args.run_dir, args.checkpoint, device)
+    tokenizer = _tokenizer(Path(args.run_dir))
     if args.input:
         path = Path(args.input)
         if not path.is_file():
             raise UserError(f"--input {path} does not exist")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _decode_lines(path.read_bytes(), f"--input {path}")
     else:
-        lines = sys.stdin.read().splitlines()
-    lines = [line.strip() for line in lines]
+        lines = _decode_lines(sys.stdin.buffer.read(), "the standard input")
     t = cfg.train
-    out = translate_sentences(model, _tokenizer(Path(args.run_dir)), lines, beam=args.beam or t.beam,
+    out = translate_sentences(model, tokenizer, lines, beam=args.beam or t.beam,
                               lenpen=t.lenpen if args.lenpen is None else args.lenpen, max_len_a=t.max_len_a,
                               max_len_b=t.max_len_b)
     sys.stdout.write("".join(o + "\n" for o in out))
@@ -147,9 +161,9 @@ def translate_main(argv: list[str]) -> int:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="transformer-ln evaluate",
-                                description="Translate a split of the run's corpus and print sacreBLEU and chrF "
-                                            "(with signatures); writes RUN_DIR/eval_<split>.json.")
+    p = Parser(prog="transformer-ln evaluate",
+               description="Translate a split of the run's corpus and print sacreBLEU and chrF "
+                           "(with signatures); writes RUN_DIR/eval_<split>.json.")
     _common(p)
     p.add_argument("--split", default="test", help="test (default) or valid")
     p.add_argument("--limit", type=int, default=None, help="only the first N sentences")

@@ -173,9 +173,12 @@ def plot_grad_norms(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], out: s
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """``{"name", "train": [records], "valid": [records], "summary": {...}}`` from metrics.jsonl and summary.json."""
-    run_dir = Path(run_dir)
+    from .rundir import RunDir
+
+    run = RunDir(run_dir)
+    run_dir = run.path
     train, valid = [], []
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run.metrics
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             line = line.strip()
@@ -189,8 +192,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
                 train.append(rec)
             elif rec.get("kind") == "valid":
                 valid.append(rec)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = run.read_summary().to_dict() if run.summary.is_file() else {}
     return {"name": run_dir.name, "train": train, "valid": valid, "summary": summary}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .atomic import write_text
 from .errors import UserError
+from .rundir import RunDir
 
 AXES = ("residual", "depth", "lr", "warmup", "seed")
 COLUMNS = ["run", "residual", "depth", "lr", "warmup", "seed", "status", "diverged_at", "best_valid_loss",
@@ -62,15 +63,15 @@ def parse_grid(items: list[str], defaults: dict[str, list] | None = None) -> lis
 
 
 def is_finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
+    return RunDir(run_dir).summary.is_file()
 
 
 def train_command(config: str | None, point: Point, run_dir: Path, overrides: list[str], cpu: bool,
                   launcher: list[str] | None) -> list[str]:
     head = [*launcher, "-m", "transformer_ln.train"] if launcher else [sys.executable, "-m", "transformer_ln.train"]
     args = ([config] if config else []) + list(overrides) + point.overrides() + [f"train.out_dir={run_dir}"]
-    if run_dir.exists():
-        args.append("--overwrite")  # an unfinished run restarts cleanly
+    if RunDir(run_dir).is_run():
+        args.append("--overwrite")  # an unfinished run restarts cleanly (only its own files are deleted)
     return head + args + (["--cpu"] if cpu else [])
 
 
@@ -94,9 +95,9 @@ def run_grid(points: list[Point], out: Path, config: str | None = None, override
         if proc.returncode != 0:
             log(f"  failed with exit code {proc.returncode}; see {out / (point.name + '.log')}")
         else:
-            summary = json.loads((run_dir / "summary.json").read_text())
-            log(f"  {summary['status']} after {summary['updates']} updates, best valid loss "
-                f"{summary['best_valid_loss']}, {time.time() - t0:.0f} s")
+            s = RunDir(run_dir).read_summary()
+            log(f"  {s.status} after {s.updates} updates, best valid loss {s.best_valid_loss}, "
+                f"{time.time() - t0:.0f} s")
     return dirs
 
 
@@ -104,14 +105,14 @@ def collect(out: Path) -> list[dict]:
     """One row per run directory under ``out`` holding a summary.json; writes results.csv and results.md."""
     rows = []
     for run_dir in sorted(p for p in out.iterdir() if p.is_dir() and is_finished(p)):
-        s = json.loads((run_dir / "summary.json").read_text())
-        ev = run_dir / "eval_test.json"
+        run = RunDir(run_dir)
+        s = run.read_summary()
+        ev = run.eval_file("test")
         bleu = json.loads(ev.read_text())["bleu"] if ev.is_file() else None
-        rows.append({"run": run_dir.name, "residual": s.get("residual"), "depth": s.get("n_enc_layers"),
-                     "lr": s.get("lr"), "warmup": s.get("warmup_updates"), "seed": s.get("seed"),
-                     "status": s["status"], "diverged_at": s.get("diverged_at"),
-                     "best_valid_loss": s.get("best_valid_loss"), "best_valid_nll": s.get("best_valid_nll"),
-                     "test_bleu": bleu, "updates": s.get("updates"), "wall_time_s": s.get("wall_time_s")})
+        rows.append({"run": run_dir.name, "residual": s.residual, "depth": s.n_enc_layers, "lr": s.lr,
+                     "warmup": s.warmup_updates, "seed": s.seed, "status": s.status, "diverged_at": s.diverged_at,
+                     "best_valid_loss": s.best_valid_loss, "best_valid_nll": s.best_valid_nll, "test_bleu": bleu,
+                     "updates": s.updates, "wall_time_s": s.wall_time_s})
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=COLUMNS)
     w.writeheader()
@@ -152,7 +153,7 @@ def plot_sweep(out: Path, run_dirs: list[Path]) -> list[Path]:
     finished = [d for d in run_dirs if is_finished(d)]
     made = list(plot_curves(finished, out / "curves")) if finished else []
     for d in finished:
-        if json.loads((d / "summary.json").read_text())["status"] != "completed":
+        if RunDir(d).read_summary().status != "completed":
             continue
         model, cfg = load_model(d, "best")
         batch = random_batch(cfg.model.src_vocab_size, batch_size=8, seq_len=20, pad_id=cfg.model.pad_id)

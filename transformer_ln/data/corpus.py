@@ -54,6 +54,22 @@ def load_corpus_counted(data_cfg: DataConfig, cache_dir: str | Path | None = Non
     return pairs, dropped
 
 
+def check_sources(data_cfg: DataConfig) -> None:
+    """Cheap checks that the corpus can be found (every configured file exists and is readable), made before a
+    run deletes anything; the full load reports everything else."""
+    if data_cfg.source != "files":
+        return
+    for split in SPLITS:
+        for side in ("src", "tgt"):
+            path = getattr(data_cfg, f"{split}_{side}")
+            if path is None:
+                continue
+            if not Path(path).is_file():
+                raise UserError(f"data.{split}_{side}: file {path} does not exist")
+            if not os.access(path, os.R_OK):
+                raise UserError(f"data.{split}_{side}: file {path} is not readable")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # local files
 

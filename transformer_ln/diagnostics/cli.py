@@ -19,6 +19,7 @@ from ..atomic import write_text
 from ..cli import Parser, add_config_arguments, config_from_arguments
 from ..config import RESIDUALS, ModelConfig
 from ..errors import UserError
+from ..rundir import RunDir
 
 FIELDS_SET_BY_SWEEP = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
                        "n_dec_layers", "residual")
@@ -213,7 +214,7 @@ def cmd_curves(args) -> list[Path]:
     from ..plotting import plot_curves, read_run
 
     for run in args.runs:
-        if not (run / "metrics.jsonl").is_file():
+        if not RunDir(run).metrics.is_file():
             raise UserError(f"{run}: no metrics.jsonl (is it a run directory written by transformer-ln train?)")
     runs = [read_run(r) for r in args.runs]
     record = {"runs": [{"dir": str(d), "name": r["name"], "summary": r["summary"], "n_train": len(r["train"]),

@@ -1,0 +1,332 @@
+"""A run directory: the names of the files a training run writes, its marker and lock, its metrics and summary.
+
+Everything that reads or writes a run (trainer, evaluation, sweep, plots) takes the names from here. Two rules keep
+a user's files safe:
+
+- A run marks its directory (``.transformer_ln_run``); a fresh run deletes only the files in ``RunDir.FILES``
+  and only where that marker is (or where an older run left checkpoints). A directory that is not a run but holds
+  one of those names is refused, never cleaned.
+- One run per directory: the main process holds ``.transformer_ln_lock`` (pid, host, process start time) for the
+  whole run. A second run on the same directory stops with one line; a lock left by a process that is no longer
+  running is detected, explained and taken over.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .atomic import write_text
+from .errors import UserError
+
+
+class RunDir:
+    """Names and policies of one run directory (``train.out_dir``)."""
+
+    CONFIG = "config.yaml"
+    TOKENIZER = "tokenizer.json"
+    METRICS = "metrics.jsonl"
+    SUMMARY = "summary.json"
+    PROFILE = "profile.json"
+    CHECKPOINTS = "checkpoints"
+    CACHE = "cache"
+    MARKER = ".transformer_ln_run"
+    LOCK = ".transformer_ln_lock"
+    EVAL_SPLITS = ("test", "valid")
+    # what a run writes (the marker and the lock are handled apart): the only names a fresh run ever deletes
+    FILES = (CHECKPOINTS, METRICS, SUMMARY, PROFILE, CONFIG, TOKENIZER, CACHE,
+             *(f"eval_{s}.json" for s in EVAL_SPLITS), *(f"hyps_{s}.txt" for s in EVAL_SPLITS))
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    config = property(lambda self: self.path / self.CONFIG)
+    tokenizer = property(lambda self: self.path / self.TOKENIZER)
+    metrics = property(lambda self: self.path / self.METRICS)
+    summary = property(lambda self: self.path / self.SUMMARY)
+    profile = property(lambda self: self.path / self.PROFILE)
+    checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
+    cache = property(lambda self: self.path / self.CACHE)
+    marker = property(lambda self: self.path / self.MARKER)
+
+    def eval_file(self, split: str) -> Path:
+        return self.path / f"eval_{split}.json"
+
+    def hyps_file(self, split: str) -> Path:
+        return self.path / f"hyps_{split}.txt"
+
+    # ---------------------------------------------------------------------------------------------- what it holds
+
+    def has_checkpoints(self) -> bool:
+        d = self.checkpoints
+        return d.is_dir() and any(p.name.startswith("update_") and p.is_dir() for p in d.iterdir())
+
+    def is_run(self) -> bool:
+        """Marked by a run, or holding checkpoints with a trainer state (runs from before the marker)."""
+        return self.marker.is_file() or (self.checkpoints.is_dir() and any(self.checkpoints.glob(
+            "update_*/trainer_state.json")))
+
+    def has_progress(self) -> bool:
+        return self.has_checkpoints() or self.summary.is_file()
+
+    def present(self) -> list[str]:
+        return [n for n in self.FILES if (self.path / n).exists()]
+
+    def read_summary(self) -> Optional["Summary"]:
+        return Summary.load(self.summary) if self.summary.is_file() else None
+
+    # ---------------------------------------------------------------------------------------------- fresh runs
+
+    def create(self) -> None:
+        """Create the directory; an unwritable place is one line, not a traceback."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write_test.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to train.out_dir={self.path}: {e.strerror or e}; choose a writable "
+                            "directory") from None
+
+    def check_fresh(self, overwrite: bool) -> list[str]:
+        """What a fresh run would delete here (checked before anything is deleted); refuses what is not ours."""
+        present = self.present()
+        if not present:
+            return []
+        if not self.is_run():
+            raise UserError(f"{self.path} is not a transformer-ln run directory (no {self.MARKER}) but holds "
+                            f"{', '.join(present)}, which a run would overwrite; choose another train.out_dir "
+                            "(--overwrite only replaces runs)")
+        if self.has_progress() and not overwrite:
+            raise UserError(f"run directory {self.path} already holds a run; continue it with `--resume "
+                            f"{self.path}`, start over with --overwrite, or set train.out_dir")
+        return present
+
+    def clear(self, names: list[str]) -> None:
+        """Delete the run files ``names`` (a subset of ``FILES``), then mark the directory as a run's."""
+        import shutil
+
+        for name in names:
+            assert name in self.FILES, name
+            p = self.path / name
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        self.mark()
+
+    def mark(self) -> None:
+        if not self.marker.is_file():
+            write_text(self.marker, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                "by": "transformer-ln train"}) + "\n")
+
+    def lock(self) -> "RunLock":
+        return RunLock(self.path / self.LOCK)
+
+
+# ------------------------------------------------------------------------------------------------------ the lock
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), to tell a reused pid apart; None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _alive(pid: int, start: Optional[str]) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+        if state[state.rindex(")") + 2:].split()[0] == "Z":  # killed, not yet reaped: it writes nothing more
+            return False
+    except (OSError, ValueError):
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class RunLock:
+    """``O_EXCL`` lock file holding the owner's pid, host and process start time; released on exit."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.held = False
+        self.note: Optional[str] = None
+
+    def _read(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> "RunLock":
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        run = self.path.parent
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder == {}:
+                    continue  # released in between
+                if holder is None or "pid" not in holder:  # being written right now, or garbage
+                    if time.time() - self.path.stat().st_mtime < 10:
+                        time.sleep(0.2)
+                        continue
+                    holder = {"pid": "?", "host": "?", "since": "?"}
+                elif holder.get("host") != me["host"]:
+                    raise UserError(f"{run} is in use by pid {holder['pid']} on host {holder.get('host')} since "
+                                    f"{holder.get('since')}; if no run is using it there, delete {self.path}")
+                elif holder["pid"] == me["pid"]:
+                    pass  # this very process (an earlier trainer in it that failed): ours to take
+                elif _alive(int(holder["pid"]), holder.get("start")):
+                    raise UserError(f"{run} is in use by another run (pid {holder['pid']}, since "
+                                    f"{holder.get('since')}); two runs must not share a directory: wait for it to "
+                                    "end, stop it, or choose another train.out_dir")
+                if holder["pid"] != me["pid"]:
+                    self.note = (f"note: took over a stale lock in {run}: pid {holder['pid']} (since "
+                                 f"{holder.get('since')}) is no longer running, so it was killed or crashed")
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            except OSError as e:
+                raise UserError(f"cannot write to {run}: {e.strerror or e}; choose a writable train.out_dir") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me) + "\n")
+            self.held = True
+            atexit.register(self.release)
+            return self
+        raise UserError(f"could not take the lock {self.path}: other processes keep creating it")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        holder = self._read()
+        if holder and holder.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+class MetricsWriter:
+    """``metrics.jsonl``: one JSON object a line, appended and closed at once, so its size marks a position.
+
+    Every checkpoint stores that size; resuming truncates the file back to it, so no line is ever written twice.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.is_file() else 0
+
+    def truncate(self, size: Optional[int], update: int) -> int:
+        """Cut the file back to ``size`` bytes (or, for checkpoints without one, to records up to ``update``).
+
+        Returns the number of lines dropped.
+        """
+        if not self.enabled or not self.path.is_file():
+            return 0
+        data = self.path.read_bytes()
+        if size is not None and size <= len(data):
+            kept = data[:size]
+        else:  # a checkpoint from before sizes were stored: keep the complete lines up to its update
+            kept = b"".join(line for line in data.splitlines(keepends=True)
+                            if line.endswith(b"\n") and _update_of(line) <= update)
+        if kept == data:
+            return 0
+        from .atomic import write_with
+
+        write_with(self.path, lambda tmp: tmp.write_bytes(kept))
+        return data.count(b"\n") - kept.count(b"\n")
+
+
+def _update_of(line: bytes) -> float:
+    try:
+        return json.loads(line).get("update", 0)
+    except (ValueError, AttributeError):
+        return float("inf")
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+
+
+@dataclass
+class Summary:
+    """``summary.json``: how a run ended. Written by the trainer, read by the sweep and the plots.
+
+    ``last_good_update`` is the last update whose weights passed the divergence checks; ``last_good_checkpoint``
+    the newest checkpoint written (only good weights are ever written), ``best_checkpoint`` the update that
+    ``checkpoints/best`` holds.
+    """
+
+    status: str
+    updates: int = 0
+    diverged_at: Optional[int] = None
+    best_valid_loss: Optional[float] = None
+    best_valid_nll: Optional[float] = None
+    last_good_update: Optional[int] = None
+    last_good_checkpoint: Optional[str] = None
+    best_checkpoint: Optional[str] = None
+    stop_reason: Optional[str] = None
+    epochs_started: Optional[int] = None
+    tokens: Optional[int] = None
+    wall_time_s: Optional[float] = None
+    residual: Optional[str] = None
+    n_enc_layers: Optional[int] = None
+    n_dec_layers: Optional[int] = None
+    lr: Optional[float] = None
+    warmup_updates: Optional[int] = None
+    seed: Optional[int] = None
+    processes: Optional[int] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Summary":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})  # older summaries lack fields; newer add some
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Summary":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise UserError(f"{path} is not a readable run summary ({e}); delete it to let the run finish "
+                            "again with --resume") from None
+
+    def save(self, path: str | Path) -> None:
+        write_text(path, json.dumps(self.to_dict(), indent=1))
