@@ -13,7 +13,7 @@ Modes, in turn:
 - ``anytime``: a uniform moment from process start, set-up and tokenizer/cache writes included.
 
 Prints one line per try and the count, e.g. ``fault injection: 20/20 interrupted runs resumed bit-exact``; exits 1
-if any try failed. The test suite runs it with ``--tries 2 --updates 12``.
+if any try failed. The test suite runs it with ``--tries 2 --updates 9``.
 """
 from __future__ import annotations
 

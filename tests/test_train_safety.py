@@ -152,6 +152,20 @@ def test_resume_truncates_metrics_and_continues_exactly(finished, tmp_path):
     assert [r["update"] for r in records(run, "valid")] == [6]
 
 
+def test_a_run_killed_in_its_first_checkpoint_write_starts_again(finished, tmp_path):
+    """Found by tests/fault_injection.py: a half-written update_*.tmp is not a checkpoint."""
+    run = copy_of(finished, tmp_path)
+    for p in update_checkpoints(run)[1:]:
+        shutil.rmtree(p)
+    update_checkpoints(run)[0].rename(run / "checkpoints" / "update_00000002.tmp")
+    shutil.rmtree(run / "checkpoints" / "best")
+    (run / "summary.json").unlink()
+    with pytest.raises(UserError, match="no complete checkpoint yet"):
+        train(run, resume=True)
+    assert not (run / "checkpoints" / "update_00000002.tmp").exists()
+    assert train(run)["updates"] == 4 and [r["update"] for r in records(run)] == [1, 2, 3, 4]
+
+
 # ---------------------------------------------------------------------------------------------------- 3 lock
 
 
@@ -324,6 +338,6 @@ def test_shape_mismatch_names_the_tensor(finished):
 def test_fault_injection_at_small_n(tmp_path):
     """tests/fault_injection.py at N=2 (the README's figure is N >= 20): kill -9, resume, compare."""
     res = subprocess.run([sys.executable, str(REPO / "tests" / "fault_injection.py"), "--tries", "2", "--updates",
-                          "12", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+                          "9", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
     print(res.stdout)
     assert res.returncode == 0 and "fault injection: 2/2 runs identical" in res.stdout, res.stdout + res.stderr[-2000:]

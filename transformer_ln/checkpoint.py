@@ -29,7 +29,7 @@ from .cli import Parser
 from .errors import UserError
 from .rundir import RunDir
 
-PREFIX = "update_"
+PREFIX = RunDir.UPDATE_PREFIX
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -37,12 +37,8 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def update_checkpoints(run_dir: Path) -> list[Path]:
-    """``update_<n>`` folders, oldest first."""
-    d = checkpoints_dir(run_dir)
-    if not d.is_dir():
-        return []
-    return sorted((p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-                   and p.name[len(PREFIX):].isdigit()), key=lambda p: int(p.name[len(PREFIX):]))
+    """Complete ``update_<n>`` folders, oldest first."""
+    return RunDir(run_dir).update_checkpoints()
 
 
 def rng_state() -> dict:

@@ -35,6 +35,7 @@ class RunDir:
     SUMMARY = "summary.json"
     PROFILE = "profile.json"
     CHECKPOINTS = "checkpoints"
+    UPDATE_PREFIX = "update_"
     CACHE = "cache"
     MARKER = ".transformer_ln_run"
     LOCK = ".transformer_ln_lock"
@@ -69,14 +70,42 @@ class RunDir:
 
     # ---------------------------------------------------------------------------------------------- what it holds
 
+    def update_checkpoints(self) -> list[Path]:
+        """Complete ``checkpoints/update_<n>`` folders, oldest first (``*.tmp`` ones being written are not)."""
+        d, prefix = self.checkpoints, self.UPDATE_PREFIX
+        if not d.is_dir():
+            return []
+        return sorted((p for p in d.iterdir() if p.is_dir() and p.name.startswith(prefix)
+                       and p.name[len(prefix):].isdigit()), key=lambda p: int(p.name[len(prefix):]))
+
+    def tidy_checkpoints(self) -> list[str]:
+        """After a crash: finish an interrupted replacement (``X.old`` without ``X`` becomes ``X`` again) and
+        delete half-written ``*.tmp`` folders. Returns what it did, for the log."""
+        import shutil
+
+        done = []
+        if not self.checkpoints.is_dir():
+            return done
+        for p in sorted(self.checkpoints.iterdir()):
+            if p.name.endswith(".old") and p.is_dir():
+                final = p.with_name(p.name[:-len(".old")])
+                if final.exists():
+                    shutil.rmtree(p)
+                else:
+                    p.rename(final)
+                    done.append(f"restored {final.name}")
+        for p in sorted(self.checkpoints.iterdir()):
+            if p.name.endswith(".tmp") and p.is_dir():
+                shutil.rmtree(p)
+                done.append(f"removed the half-written {p.name}")
+        return done
+
     def has_checkpoints(self) -> bool:
-        d = self.checkpoints
-        return d.is_dir() and any(p.name.startswith("update_") and p.is_dir() for p in d.iterdir())
+        return bool(self.update_checkpoints())
 
     def is_run(self) -> bool:
         """Marked by a run, or holding checkpoints with a trainer state (runs from before the marker)."""
-        return self.marker.is_file() or (self.checkpoints.is_dir() and any(self.checkpoints.glob(
-            "update_*/trainer_state.json")))
+        return self.marker.is_file() or any((p / "trainer_state.json").is_file() for p in self.update_checkpoints())
 
     def has_progress(self) -> bool:
         return self.has_checkpoints() or self.summary.is_file()

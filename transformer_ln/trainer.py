@@ -202,8 +202,11 @@ class Trainer:
             print(self.lock.note, file=sys.stderr)
         try:
             if self.resume:
+                for what in run.tidy_checkpoints():
+                    print(f"note: {run}: {what} (left by an interrupted checkpoint write)", file=sys.stderr)
                 if not run.has_checkpoints():
-                    raise UserError(f"cannot resume: {run} has no checkpoints (expected {run.checkpoints}/update_*)")
+                    raise UserError(f"cannot resume: {run} has no complete checkpoint yet (expected "
+                                    f"{run.checkpoints}/update_*); start the run again without --resume")
                 self._check_resume_config()
                 self.finished = self._already_finished()
                 run.mark()
