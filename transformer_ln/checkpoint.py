@@ -77,7 +77,7 @@ def save_checkpoint(run_dir: Path, update: int, model: torch.nn.Module, optimize
         st_save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        cfg.save(tmp / "config.yaml")
+        cfg.save(tmp / RunDir.CONFIG)
     _barrier(accelerator)
     if is_main:
         replace_dir(tmp, final)
@@ -129,7 +129,7 @@ def resolve(run_dir: str | Path, which: str = "best") -> Path:
 
 
 def load_run_config_from(ckpt_or_run: Path) -> RunConfig:
-    for candidate in (Path(ckpt_or_run) / "config.yaml", Path(ckpt_or_run).parent.parent / "config.yaml"):
+    for candidate in (Path(ckpt_or_run) / RunDir.CONFIG, RunDir(Path(ckpt_or_run).parent.parent).config):
         if candidate.is_file():
             try:
                 return RunConfig.load(candidate)
@@ -229,7 +229,7 @@ def average_checkpoints(run_dir: str | Path, last: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(averaged, str(tmp / "model.safetensors"), metadata={"averaged": ",".join(p.name for p in chosen)})
-    shutil.copy(chosen[-1] / "config.yaml", tmp / "config.yaml")
+    shutil.copy(chosen[-1] / RunDir.CONFIG, tmp / RunDir.CONFIG)
     replace_dir(tmp, out)
     return out
 

@@ -85,7 +85,9 @@ def config_from_arguments(items: list[str], defaults: dict | None = None, resume
         if config is not None:
             raise UserError(f"give either --resume RUN_DIR or a CONFIG ({config}), not both (overrides are "
                             "allowed)")
-        base = read_yaml_mapping(Path(resume_dir) / "config.yaml")
+        from .rundir import RunDir
+
+        base = read_yaml_mapping(RunDir(resume_dir).config)
     elif config is not None:
         base = read_yaml_mapping(config)
     else:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
+from .rundir import RunDir
 from .trainer import State, Trainer, UpdateContext  # noqa: F401  (the public names of the trainer)
 
 # What `transformer-ln train` runs without a CONFIG: a small model on the built-in corpus, a few CPU minutes.
@@ -51,12 +51,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     from .cli import config_from_arguments
 
     if args.resume:
-        run = Path(args.resume)
-        if not run.is_dir():
+        run = RunDir(args.resume)
+        if not run.path.is_dir():
             raise UserError(f"cannot resume: run directory {run} does not exist")
-        if not (run / "config.yaml").is_file():
-            raise UserError(f"cannot resume: {run / 'config.yaml'} is missing, so {run} is not a run directory")
-        return config_from_arguments(list(args.args) + [f"train.out_dir={run}"], resume_dir=run)
+        if not run.config.is_file():
+            raise UserError(f"cannot resume: {run.config} is missing, so {run} is not a run directory")
+        return config_from_arguments(list(args.args) + [f"train.out_dir={run}"], resume_dir=run.path)
     return config_from_arguments(args.args, defaults=DEMO)
 
 

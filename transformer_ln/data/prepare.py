@@ -12,6 +12,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer
 
 from ..config import RunConfig
+from ..rundir import RunDir
 from .batching import TokenBatchSampler
 from .corpus import load_corpus_counted
 from .encode import encode_pairs, lengths
@@ -19,7 +20,7 @@ from .tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = RunDir.TOKENIZER
 
 
 @dataclass
@@ -56,9 +57,9 @@ def prepare_data(cfg: RunConfig, run_dir: Path, accelerator=None) -> PreparedDat
     With an ``accelerator``, the main process trains the tokenizer and writes the caches first; the other processes
     then read them back (``main_process_first``), so all ranks share one vocabulary.
     """
-    run_dir = Path(run_dir)
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
-    tok_path = run_dir / TOKENIZER_FILE
+    run = RunDir(run_dir)
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run.cache
+    tok_path = run.tokenizer
     first = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with first:
         pairs, n_empty = load_corpus_counted(cfg.data, cache_dir)
