@@ -20,8 +20,7 @@ import numpy as np
 from transformer_ln.diagnostics import build_model, depth_sweep, gradient_norms, random_batch, residual_dependency
 from transformer_ln.diagnostics.cli import write_json
 from transformer_ln.plotting import plot_dependency, plot_grad_norms, plot_output_change
-
-SCHEMES = ("post_ln", "pre_ln", "admin")
+from transformer_ln.residual import SCHEMES
 DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 50, 64, 100)
 
 

@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformer_ln.config import ModelConfig  # noqa: E402
 from transformer_ln.layers import sinusoidal_table  # noqa: E402
 from transformer_ln.model import Seq2SeqTransformer  # noqa: E402
+from transformer_ln.residual import SCHEMES as REGISTRY  # noqa: E402
 
 PAD = 0
-SCHEMES = ("post_ln", "pre_ln", "admin")
+SCHEMES = tuple(REGISTRY)
 BASELINE = "nn.Transformer"
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from transformer_ln.cli import run_command
+from transformer_ln.residual import SCHEMES
 from transformer_ln.sweep import collect, parse_grid, plot_sweep, run_grid
 
 
@@ -20,7 +21,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("config", nargs="?", help="base YAML config (default: the built-in demo settings)")
     p.add_argument("--out", required=True, help="sweep folder: one run directory per grid point")
     p.add_argument("--grid", nargs="+", default=[], metavar="AXIS=V1,V2",
-                   help="axes residual, depth, lr, warmup, seed (defaults: all three schemes, 3, 2e-3, 300, 1)")
+                   help="axes residual, depth, lr, warmup, seed (defaults: every registered scheme, 3, 2e-3, 300, 1)")
     p.add_argument("--launcher", default=None, help='e.g. "accelerate launch --num_processes 2" (default: python)')
     p.add_argument("--cpu", action="store_true", help="pass --cpu to every run")
     p.add_argument("--no-plots", action="store_true", help="skip the curve and dependency plots")
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> int:
     bad = [r for r in args.overrides if "=" not in r]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like section.key=value)")
-    defaults = {"residual": ["post_ln", "pre_ln", "admin"], "depth": [3], "lr": [2e-3], "warmup": [300], "seed": [1]}
+    defaults = {"residual": list(SCHEMES), "depth": [3], "lr": [2e-3], "warmup": [300], "seed": [1]}
     points = parse_grid(args.grid, defaults)
     out = Path(args.out)
     dirs = run_grid(points, out, args.config, args.overrides, args.cpu,

@@ -1,15 +1,17 @@
-"""transformer_ln: Post-LN, Pre-LN and Admin encoder-decoder Transformers and the analysis of why they train."""
+"""transformer_ln: encoder-decoder Transformers under every residual scheme and norm, and the analysis of why they
+train (Post-LN, Pre-LN, Admin and the schemes after them; see ``transformer_ln.residual``)."""
 from .admin import admin_init
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_run_config
 from .errors import UserError
 from .layers import CrossAttention, FeedForward, SelfAttention
 from .model import DecoderLayer, EncoderLayer, Seq2SeqTransformer, init_weights
+from .norms import NORMS, make_norm
+from .residual import SCHEMES, OmegaResidual, Residual, ResidualScheme, Sublayer, calculate_init, get_scheme
 from .rnn import LayerNormLSTM, LayerNormRNN
-from .residual import SCHEMES, OmegaResidual, Residual, ResidualScheme, Sublayer, calculate_init
 
 __all__ = [
     "admin_init", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
     "load_run_config", "UserError", "CrossAttention", "FeedForward", "SelfAttention", "DecoderLayer", "EncoderLayer",
     "Seq2SeqTransformer", "init_weights", "SCHEMES", "OmegaResidual", "Residual", "ResidualScheme", "Sublayer",
-    "calculate_init", "LayerNormLSTM", "LayerNormRNN",
+    "calculate_init", "get_scheme", "NORMS", "make_norm", "LayerNormLSTM", "LayerNormRNN",
 ]

@@ -1,4 +1,6 @@
-"""Admin for other people's code, and the paper's profiling initialisation for ours.
+"""Admin (Liu et al. 2020) whole: the scheme, its shortcut module, its closed form and its profiling.
+
+    x_i = LN(omega_i * x_{i-1} + a_i),   a_i = Dropout(f_i(x_{i-1}))      Post-LN's norms with a scaled shortcut
 
 Drop-in for admin-torch users::
 
@@ -22,9 +24,95 @@ import math
 import torch
 from torch import nn
 
-from .residual import OmegaResidual, calculate_init
+from .sublayer import Residual, ResidualScheme, Site
 
-__all__ = ["calculate_init", "as_module", "OmegaResidual", "admin_init", "omega_stats", "omega_summary"]
+OUTPUT_CHANGE_SCALES = ("O(logn)", "O(n)", "O(1)")
+ADMIN_OMEGAS = ("profile", *OUTPUT_CHANGE_SCALES)
+
+__all__ = ["Admin", "calculate_init", "as_module", "OmegaResidual", "admin_init", "omega_stats", "omega_summary",
+           "OUTPUT_CHANGE_SCALES", "ADMIN_OMEGAS"]
+
+
+def calculate_init(num_res_layers: int, output_change_scale: str = "O(logn)") -> float:
+    """Admin's closed-form shortcut scale omega for a stack of ``num_res_layers`` residual sub-layers.
+
+    Same values as admin-torch: ``O(logn)``: sqrt((n+1)/ln(n+1) - 1); ``O(n)``: 1 (vanilla Post-LN);
+    ``O(1)``: sqrt(n). Count 2 sub-layers per encoder layer and 3 per decoder layer.
+    """
+    if isinstance(num_res_layers, bool) or not isinstance(num_res_layers, int) or num_res_layers < 1:
+        raise ValueError(f"num_res_layers: got {num_res_layers!r}, must be an integer >= 1 "
+                         "(2 per encoder layer, 3 per decoder layer)")
+    n = num_res_layers
+    if output_change_scale in ("O(logn)", "default"):
+        return math.sqrt((n + 1) / math.log(n + 1) - 1)
+    if output_change_scale == "O(n)":
+        return 1.0
+    if output_change_scale == "O(1)":
+        return math.sqrt(n)
+    raise ValueError(f"output_change_scale: got {output_change_scale!r}, allowed: "
+                     f"{', '.join(map(repr, OUTPUT_CHANGE_SCALES))}")
+
+
+class OmegaResidual(Residual):
+    """Admin's shortcut: ``x * omega + f_x``.
+
+    ``omega`` is a trainable per-dimension vector (``as_parameter=True``, what our model and the admin-torch recipes
+    use) or a frozen scalar buffer (admin-torch's library default). Either way it is named ``omega`` and lives in the
+    state dict, so a checkpoint carries its Admin initialisation.
+    """
+
+    def __init__(self, init_value: float = 1.0, as_parameter: bool = False, embed_dim: int | None = None):
+        super().__init__()
+        if as_parameter:
+            if embed_dim is None or embed_dim < 1:
+                raise ValueError(f"embed_dim: got {embed_dim!r}; as_parameter=True needs the model width")
+            self.omega = nn.Parameter(torch.full((embed_dim,), float(init_value)))
+        else:
+            self.register_buffer("omega", torch.tensor([float(init_value)]))
+        self.init_value = float(init_value)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.omega.fill_(self.init_value)
+
+    def scales(self):
+        return self.omega, None
+
+    def forward(self, x: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
+        # x * omega + f_x in one kernel (addcmul) rather than two: Admin's step stays close to Post-LN's
+        return torch.addcmul(f_x, x, self.omega)
+
+    def extra_repr(self) -> str:
+        return f"init_value={self.init_value:.4f}, shape={tuple(self.omega.shape)}"
+
+
+class Admin(ResidualScheme):
+    """Admin (Liu et al. 2020, arXiv 2004.08249): x_i = LN(omega_i * x_{i-1} + a_i); no final norm.
+
+    omega_i is a trainable vector per sub-layer. It starts at 1 for ``admin_omega='profile'`` until ``calibrate``
+    (``admin_init``) profiles it on the first batch, or at the closed form ``calculate_init(n, admin_omega)`` with n
+    the stack's number of sub-layers (admin-torch's constants).
+    """
+
+    name, label, color = "admin", "Admin", "tab:green"
+    options = ("admin_omega",)
+
+    def __init__(self, norm: str = "layernorm", admin_omega: str = "profile"):
+        super().__init__(norm)
+        if admin_omega not in ADMIN_OMEGAS:
+            raise ValueError(f"admin_omega: got {admin_omega!r}, allowed: {', '.join(map(repr, ADMIN_OMEGAS))}")
+        self.admin_omega = admin_omega
+
+    def residual(self, site: Site) -> OmegaResidual:
+        init = 1.0 if self.admin_omega == "profile" else calculate_init(site.n_sublayers, self.admin_omega)
+        return OmegaResidual(init, as_parameter=True, embed_dim=site.d_model)
+
+    def calibrate(self, model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: int = 0) -> dict | None:
+        """Profiled omega (``admin_init``) when the model was built with ``admin_omega='profile'``."""
+        scheme = getattr(model, "scheme", self)
+        if getattr(scheme, "admin_omega", self.admin_omega) != "profile":
+            return None
+        return admin_init(model, src, tgt_in, seed=seed)
 
 
 def as_module(num_res_layers: int, output_change_scale: str = "O(logn)", as_parameter: bool = False,

@@ -13,16 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from .admin import ADMIN_OMEGAS as _ADMIN_OMEGAS
+from .norms import NORMS
+from .residual import SCHEMES
 from .sections import ConfigError, Section, apply_overrides, choices, parse_override, read_yaml_mapping
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "RunConfig", "RESIDUALS",
-           "ADMIN_OMEGAS", "ACTIVATIONS", "apply_overrides", "parse_override", "load_run_config"]
+           "ADMIN_OMEGAS", "NORM_NAMES", "ACTIVATIONS", "apply_overrides", "parse_override", "load_run_config"]
 
-ResidualName = Literal["post_ln", "pre_ln", "admin"]
-AdminOmegaName = Literal["profile", "O(logn)", "O(n)", "O(1)"]
+ResidualName = Literal[tuple(SCHEMES)]  # the registry in transformer_ln.residual
+NormName = Literal[tuple(NORMS)]  # transformer_ln.norms
+AdminOmegaName = Literal[_ADMIN_OMEGAS]  # transformer_ln.admin
 ActivationName = Literal["relu", "gelu"]
 RESIDUALS = choices(ResidualName)
 ADMIN_OMEGAS = choices(AdminOmegaName)
+NORM_NAMES = choices(NormName)
 ACTIVATIONS = choices(ActivationName)
 SEED_LIMIT = 2 ** 32  # numpy's and accelerate's set_seed accept 0 .. 2**32 - 1
 
@@ -36,8 +41,9 @@ class ModelConfig(Section):
     """Shape and residual scheme of the encoder-decoder.
 
     ``src_vocab_size``/``tgt_vocab_size`` may stay ``None`` inside a ``RunConfig``: the trainer fills them from the
-    tokenizer. ``residual`` picks the scheme (see ``transformer_ln.residual``); ``admin_omega`` picks Admin's
-    shortcut scale: ``profile`` (the paper's profiling, ``admin_init``) or a closed form of admin-torch.
+    tokenizer. ``residual`` picks the scheme (see ``transformer_ln.residual``); ``norm`` the normalization its
+    norms use (``transformer_ln.norms``; schemes without norms accept only the default); ``admin_omega`` picks
+    Admin's shortcut scale: ``profile`` (the paper's profiling, ``admin_init``) or a closed form of admin-torch.
     """
 
     _prefix = "model."
@@ -53,6 +59,7 @@ class ModelConfig(Section):
     act_dropout: float = 0.0
     activation: ActivationName = "relu"
     residual: ResidualName = "post_ln"
+    norm: NormName = "layernorm"
     admin_omega: AdminOmegaName = "profile"
     share_embeddings: bool = False
     max_positions: int = 1024
@@ -65,6 +72,9 @@ class ModelConfig(Section):
                       "n_dec_layers", "max_positions")
         self.at_least("max_positions", 2, "a target needs <s> plus one token")
         self.probability("dropout", "attn_dropout", "act_dropout")
+        if self.norm != "layernorm" and not SCHEMES[self.residual].has_norms:
+            raise ConfigError(f"{p}norm: got {self.norm!r}, but {p}residual={self.residual!r} has no "
+                              f"normalization; leave {p}norm at 'layernorm' (the default, unused by this scheme)")
         if self.d_model % self.n_heads:
             raise ConfigError(f"{p}d_model: got {self.d_model}, must be divisible by {p}n_heads={self.n_heads}")
         if self.pad_id < 0:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norms import apply_norm
+
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """``F.dropout`` (zero with probability p, scale the rest by 1/(1-p)), with a cheaper mask on the CPU.
@@ -40,13 +42,18 @@ class _Attention(nn.Module):
             raise ValueError(f"d_model: got {d_model}, must be divisible by n_heads={n_heads}")
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.attn_dropout = attn_dropout
+        self.inner_norm = nn.Identity()  # a norm before out_proj (Sub-LN's inner_attn_ln)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def in_projections(self) -> list[nn.Linear]:
         """Linears whose d x d blocks are the q, k, v maps (initialised with gain 1/sqrt(2), as fairseq)."""
         raise NotImplementedError
 
-    def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
+    def projection_blocks(self) -> dict[str, torch.Tensor]:
+        """The d x d weight blocks ``q``, ``k``, ``v`` (views into the packed projections) and ``out``."""
+        raise NotImplementedError
+
+    def _attend(self, q, k, v, mask, is_causal: bool, keep: torch.Tensor | None = None) -> torch.Tensor:
         # q: (B, H, T, Dh), k/v: (B, H, S, Dh), mask: bool broadcastable to (B, H, T, S), True = attend
         p = self.attn_dropout if self.training else 0.0
         if p > 0.0 and q.device.type == "cpu":
@@ -54,7 +61,7 @@ class _Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
         B, H, T, Dh = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+        return self.out_proj(apply_norm(self.inner_norm, out.transpose(1, 2).reshape(B, T, H * Dh), keep))
 
 
 def _attention_with_dropout_cpu(q, k, v, mask, is_causal: bool, p: float) -> torch.Tensor:
@@ -95,8 +102,12 @@ class SelfAttention(_Attention):
     def in_projections(self) -> list[nn.Linear]:
         return [self.qkv_proj]
 
+    def projection_blocks(self) -> dict[str, torch.Tensor]:
+        q, k, v = self.qkv_proj.weight.split(self.d_model, dim=0)
+        return {"q": q, "k": k, "v": v, "out": self.out_proj.weight}
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
-                cache: dict | None = None) -> torch.Tensor:
+                cache: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None and "slots" in cache:  # static cache: write at the positions, attend to those before
@@ -105,7 +116,7 @@ class SelfAttention(_Attention):
             cache["v"].index_copy_(2, pos, v.to(cache["v"].dtype))
             allowed = cache["slots"][None, :] <= pos[:, None]  # (T, max_len)
             mask = allowed if mask is None else mask & allowed
-            return self._attend(q, cache["k"], cache["v"], mask, False)
+            return self._attend(q, cache["k"], cache["v"], mask, False, keep)
         past = 0
         if cache is not None:
             if "k" in cache:
@@ -117,7 +128,7 @@ class SelfAttention(_Attention):
         if causal and past > 0 and T > 1:  # several new tokens after a cached prefix
             allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
             mask = allowed if mask is None else mask & allowed
-        return self._attend(q, k, v, mask, is_causal)
+        return self._attend(q, k, v, mask, is_causal, keep)
 
 
 class CrossAttention(_Attention):
@@ -134,8 +145,12 @@ class CrossAttention(_Attention):
     def in_projections(self) -> list[nn.Linear]:
         return [self.q_proj, self.kv_proj]
 
+    def projection_blocks(self) -> dict[str, torch.Tensor]:
+        k, v = self.kv_proj.weight.split(self.d_model, dim=0)
+        return {"q": self.q_proj.weight, "k": k, "v": v, "out": self.out_proj.weight}
+
     def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: dict | None = None) -> torch.Tensor:
+                cache: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)
         if cache is not None and "k" in cache:
@@ -145,11 +160,11 @@ class CrossAttention(_Attention):
             k, v = self.kv_proj(memory).view(B, S, 2, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
             if cache is not None:
                 cache["k"], cache["v"] = k, v
-        return self._attend(q, k, v, mask, False)
+        return self._attend(q, k, v, mask, False, keep)
 
 
 class FeedForward(nn.Module):
-    """FFN(x) = fc2(act_dropout(act(fc1(x))))."""
+    """FFN(x) = fc2(inner_norm(act_dropout(act(fc1(x))))); ``inner_norm`` is Sub-LN's ffn_layernorm (else Identity)."""
 
     def __init__(self, d_model: int, d_ff: int, act_dropout: float = 0.0, activation: str = "relu"):
         super().__init__()
@@ -159,10 +174,14 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(d_model, d_ff)
         self.act = acts[activation]()
         self.act_dropout = Dropout(act_dropout)
+        self.inner_norm = nn.Identity()
         self.fc2 = nn.Linear(d_ff, d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act_dropout(self.act(self.fc1(x))))
+    def projection_blocks(self) -> dict[str, torch.Tensor]:
+        return {"fc1": self.fc1.weight, "fc2": self.fc2.weight}
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(apply_norm(self.inner_norm, self.act_dropout(self.act(self.fc1(x))), keep))
 
 
 def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:

@@ -13,76 +13,123 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import CrossAttention, FeedForward, PositionalEmbedding, SelfAttention, _Attention
-from .residual import OmegaResidual, ResidualScheme, Sublayer, get_scheme
+from .norms import is_norm, uses_batch_statistics
+from .residual import Residual, ResidualScheme, Site, Sublayer, get_scheme, scheme_from_config
 
 
-class EncoderLayer(nn.Module):
+def _scheme(residual: str | ResidualScheme, options: dict) -> ResidualScheme:
+    if isinstance(residual, ResidualScheme):
+        if options:
+            raise ValueError(f"scheme option(s) {', '.join(sorted(options))} given with a built scheme "
+                             f"{residual!r}; build it with them (get_scheme(name, **options))")
+        return residual
+    return get_scheme(residual, **options)
+
+
+def _sites(stack: str, kinds: tuple[str, ...], layer_index: int, d_model: int, n_sublayers: int | None,
+           depths: tuple[int, int] | None) -> list[Site]:
+    """The ``Site`` of each sub-layer of layer ``layer_index``; ``depths`` = (encoder, decoder) layer counts."""
+    per_layer = len(kinds)
+    if depths is None:  # a standalone layer: a symmetric model of n_sublayers / per_layer layers (1 if not given)
+        n = max(1, (n_sublayers or per_layer) // per_layer)
+        depths = (n, n)
+    n_enc, n_dec = depths
+    n_sub = n_sublayers or per_layer * (n_enc if stack == "encoder" else n_dec)
+    return [Site(stack, kind, layer_index, per_layer * layer_index + k + 1, n_enc, n_dec, d_model, n_sub)
+            for k, kind in enumerate(kinds)]
+
+
+class _Layer(nn.Module):
+    def _finish(self, scheme: ResidualScheme) -> None:
+        self.batch_stats = uses_batch_statistics(self)
+        if scheme.custom_init:  # a standalone layer starts as its scheme says (a model re-initialises as a whole)
+            init_weights(self)
+
+
+class EncoderLayer(_Layer):
     """Self-attention then FFN, each a residual ``Sublayer`` of the chosen scheme.
 
-    ``n_sublayers`` is the stack's number of residual sub-layers (2 per encoder layer); Admin's closed-form omega
-    depends on it. Left as None, the layer counts only its own two.
+    ``residual`` is a scheme name or a built ``ResidualScheme``; further keyword arguments are the scheme's options
+    (``norm="rmsnorm"``, Admin's ``admin_omega="O(logn)"``). ``depths`` = (encoder layers, decoder layers) of the
+    model the layer belongs to and ``layer_index`` its place (depth-dependent schemes read them); ``n_sublayers``
+    overrides the stack's sub-layer count (Admin's n). Left as None, the layer counts only its own two.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, attn_dropout: float = 0.0,
                  act_dropout: float = 0.0, activation: str = "relu", residual: str | ResidualScheme = "post_ln",
-                 n_sublayers: int | None = None, admin_omega: str = "profile"):
+                 n_sublayers: int | None = None, *, layer_index: int = 0, depths: tuple[int, int] | None = None,
+                 **scheme_options):
         super().__init__()
-        scheme = get_scheme(residual) if isinstance(residual, str) else residual
-        n = n_sublayers or 2
-        self.self_attn = Sublayer(SelfAttention(d_model, n_heads, attn_dropout), d_model, scheme, n, dropout,
-                                  admin_omega)
-        self.ffn = Sublayer(FeedForward(d_model, d_ff, act_dropout, activation), d_model, scheme, n, dropout,
-                            admin_omega)
+        scheme = _scheme(residual, scheme_options)
+        s_attn, s_ffn = _sites("encoder", ("self_attn", "ffn"), layer_index, d_model, n_sublayers, depths)
+        self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout), s_attn, dropout)
+        self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation), s_ffn, dropout)
+        self._finish(scheme)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, S, D); mask: bool (B, 1, 1, S), True for real (non-pad) source tokens."""
-        return self.ffn(self.self_attn(x, mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, S, D); mask: bool (B, 1, 1, S), True for real (non-pad) source tokens.
+
+        ``keep`` (B, S) marks the real tokens for BatchNorm's statistics; by default taken from ``mask``.
+        """
+        if keep is None and self.batch_stats and self.training and mask is not None and mask.dim() == 4:
+            keep = mask[:, 0, 0, :]
+        kw = {} if keep is None else {"keep": keep}
+        return self.ffn(self.self_attn(x, mask, **kw), **kw)
 
 
-class DecoderLayer(nn.Module):
-    """Causal self-attention, cross-attention to the encoder output, FFN (3 residual sub-layers)."""
+class DecoderLayer(_Layer):
+    """Causal self-attention, cross-attention to the encoder output, FFN (3 residual sub-layers).
+
+    Arguments as ``EncoderLayer``.
+    """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, attn_dropout: float = 0.0,
                  act_dropout: float = 0.0, activation: str = "relu", residual: str | ResidualScheme = "post_ln",
-                 n_sublayers: int | None = None, admin_omega: str = "profile"):
+                 n_sublayers: int | None = None, *, layer_index: int = 0, depths: tuple[int, int] | None = None,
+                 **scheme_options):
         super().__init__()
-        scheme = get_scheme(residual) if isinstance(residual, str) else residual
-        n = n_sublayers or 3
-        self.self_attn = Sublayer(SelfAttention(d_model, n_heads, attn_dropout), d_model, scheme, n, dropout,
-                                  admin_omega)
-        self.cross_attn = Sublayer(CrossAttention(d_model, n_heads, attn_dropout), d_model, scheme, n, dropout,
-                                   admin_omega)
-        self.ffn = Sublayer(FeedForward(d_model, d_ff, act_dropout, activation), d_model, scheme, n, dropout,
-                            admin_omega)
+        scheme = _scheme(residual, scheme_options)
+        s_self, s_cross, s_ffn = _sites("decoder", ("self_attn", "cross_attn", "ffn"), layer_index, d_model,
+                                        n_sublayers, depths)
+        self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout), s_self, dropout)
+        self.cross_attn = scheme.build_sublayer(CrossAttention(d_model, n_heads, attn_dropout), s_cross, dropout)
+        self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation), s_ffn, dropout)
+        self._finish(scheme)
 
     def forward(self, y: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
-                cache: dict | None = None) -> torch.Tensor:
-        """y: (B, T, D); memory: (B, S, D) final encoder output; cache: per-layer dict for incremental decoding."""
-        y = self.self_attn(y, None, True, cache=None if cache is None else cache.setdefault("self", {}))
-        y = self.cross_attn(y, memory, memory_mask, cache=None if cache is None else cache.setdefault("cross", {}))
-        return self.ffn(y)
+                cache: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """y: (B, T, D); memory: (B, S, D) final encoder output; cache: per-layer dict for incremental decoding;
+        keep: (B, T) real target tokens, for BatchNorm's statistics in training."""
+        kw = {} if keep is None else {"keep": keep}
+        y = self.self_attn(y, None, True, cache=None if cache is None else cache.setdefault("self", {}), **kw)
+        y = self.cross_attn(y, memory, memory_mask, cache=None if cache is None else cache.setdefault("cross", {}),
+                            **kw)
+        return self.ffn(y, **kw)
 
 
-def _layer_kwargs(cfg: ModelConfig, n_sublayers: int) -> dict:
+def _layer_kwargs(cfg: ModelConfig, scheme: ResidualScheme) -> dict:
     return dict(d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff, dropout=cfg.dropout,
                 attn_dropout=cfg.attn_dropout, act_dropout=cfg.act_dropout, activation=cfg.activation,
-                residual=cfg.residual, n_sublayers=n_sublayers, admin_omega=cfg.admin_omega)
+                residual=scheme, depths=(cfg.n_enc_layers, cfg.n_dec_layers))
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding, scheme: ResidualScheme):
         super().__init__()
-        scheme = get_scheme(cfg.residual)
+        self.scheme = scheme
         self.embed = PositionalEmbedding(embed_tokens, cfg.max_positions, cfg.dropout)
-        kw = _layer_kwargs(cfg, 2 * cfg.n_enc_layers)
-        self.layers = nn.ModuleList(EncoderLayer(**kw) for _ in range(cfg.n_enc_layers))
-        self.final_norm = scheme.norm(scheme.final_norm, cfg.d_model)
+        kw = _layer_kwargs(cfg, scheme)
+        self.layers = nn.ModuleList(EncoderLayer(**kw, layer_index=i) for i in range(cfg.n_enc_layers))
+        self.final_norm = scheme.stack_norm(cfg.d_model)
+        self.batch_stats = uses_batch_statistics(self)
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.embed(src)
+        keep = mask[:, 0, 0, :] if self.batch_stats and self.training and mask is not None else None
+        x = self.scheme.begin(self.embed(src))
         for layer in self.layers:
-            x = layer(x, mask)
-        return self.final_norm(x)
+            x = layer(x, mask, keep)
+        return self.scheme.end(x, self.final_norm, keep)
 
 
 class DecoderCache:
@@ -140,23 +187,25 @@ class StaticDecoderCache(DecoderCache):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding, scheme: ResidualScheme):
         super().__init__()
-        scheme = get_scheme(cfg.residual)
+        self.scheme, self.pad_id = scheme, cfg.pad_id
         self.embed = PositionalEmbedding(embed_tokens, cfg.max_positions, cfg.dropout)
-        kw = _layer_kwargs(cfg, 3 * cfg.n_dec_layers)
-        self.layers = nn.ModuleList(DecoderLayer(**kw) for _ in range(cfg.n_dec_layers))
-        self.final_norm = scheme.norm(scheme.final_norm, cfg.d_model)
+        kw = _layer_kwargs(cfg, scheme)
+        self.layers = nn.ModuleList(DecoderLayer(**kw, layer_index=i) for i in range(cfg.n_dec_layers))
+        self.final_norm = scheme.stack_norm(cfg.d_model)
+        self.batch_stats = uses_batch_statistics(self)
 
     def forward(self, tgt_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None,
                 cache: DecoderCache | None = None) -> torch.Tensor:
         offset = 0 if cache is None else cache.offset()
-        y = self.embed(tgt_in, offset)
+        keep = tgt_in.ne(self.pad_id) if self.batch_stats and self.training else None
+        y = self.scheme.begin(self.embed(tgt_in, offset))
         for i, layer in enumerate(self.layers):
-            y = layer(y, memory, memory_mask, None if cache is None else cache.layers[i])
+            y = layer(y, memory, memory_mask, None if cache is None else cache.layers[i], keep)
         if cache is not None:
             cache.length += tgt_in.shape[1]
-        return self.final_norm(y)
+        return self.scheme.end(y, self.final_norm, keep)
 
 
 class Seq2SeqTransformer(nn.Module):
@@ -173,11 +222,12 @@ class Seq2SeqTransformer(nn.Module):
             raise ValueError("model.src_vocab_size / model.tgt_vocab_size: unset; give both (the trainer fills "
                              "them from the tokenizer)")
         self.cfg = cfg
+        self.scheme = scheme_from_config(cfg)
         tgt_embed = nn.Embedding(cfg.tgt_vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         src_embed = tgt_embed if cfg.share_embeddings else nn.Embedding(cfg.src_vocab_size, cfg.d_model,
                                                                         padding_idx=cfg.pad_id)
-        self.encoder = Encoder(cfg, src_embed)
-        self.decoder = Decoder(cfg, tgt_embed)
+        self.encoder = Encoder(cfg, src_embed, self.scheme)
+        self.decoder = Decoder(cfg, tgt_embed, self.scheme)
         init_weights(self)
 
     def key_mask(self, src: torch.Tensor) -> torch.Tensor:
@@ -216,11 +266,12 @@ class Seq2SeqTransformer(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: nn.Module) -> None:
-    """The reference initialisation (fairseq as used by Transformer-Clinic), kept apart from ``__init__``.
+    """The reference initialisation (fairseq as used by Transformer-Clinic), then each scheme's own hook.
 
     Linears xavier-uniform with zero bias; each d x d block of the q/k/v projections xavier-uniform with gain
-    1/sqrt(2) (as fairseq's fused in_proj); embeddings N(0, d^-1/2) with a zero pad row; LayerNorm gain 1, bias 0;
-    Admin's omega back to its scheme's initial value.
+    1/sqrt(2) (as fairseq's fused in_proj); embeddings N(0, d^-1/2) with a zero pad row; norms at their initial
+    values (LayerNorm gain 1, bias 0); residual combiners (Admin's omega, ReZero's alpha) at their scheme's initial
+    value. Then ``scheme.init_sublayer`` on every sub-layer and, for a whole model, ``scheme.init_model``.
     """
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -231,10 +282,7 @@ def init_weights(model: nn.Module) -> None:
             nn.init.normal_(m.weight, mean=0.0, std=m.embedding_dim ** -0.5)
             if m.padding_idx is not None:
                 m.weight[m.padding_idx].zero_()
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, OmegaResidual):
+        elif is_norm(m) or (isinstance(m, Residual) and hasattr(m, "reset_parameters")):
             m.reset_parameters()
     for m in model.modules():
         if isinstance(m, _Attention):
@@ -242,3 +290,9 @@ def init_weights(model: nn.Module) -> None:
                 d_in = lin.weight.shape[1]
                 for block in lin.weight.split(d_in, dim=0):
                     nn.init.xavier_uniform_(block, gain=1 / math.sqrt(2))
+    for m in model.modules():
+        if isinstance(m, Sublayer) and m.scheme is not None:
+            m.scheme.init_sublayer(m)
+    scheme = getattr(model, "scheme", None)
+    if isinstance(scheme, ResidualScheme):
+        scheme.init_model(model)

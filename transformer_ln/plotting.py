@@ -13,8 +13,10 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-SCHEME_LABELS = {"post_ln": "Post-LN", "pre_ln": "Pre-LN", "admin": "Admin"}
-SCHEME_COLORS = {"post_ln": "tab:red", "pre_ln": "tab:blue", "admin": "tab:green"}
+from .residual import SCHEMES
+
+SCHEME_LABELS = {name: cls.label for name, cls in SCHEMES.items()}  # the registry's, so a new scheme needs no edit
+SCHEME_COLORS = {name: cls.color for name, cls in SCHEMES.items()}
 
 
 def scheme_label(name: str) -> str:

@@ -110,7 +110,6 @@ def models(args):
     """Yield ``(label, scheme, model, batch, checkpoint)``: the run's checkpoint, or one fresh model per scheme."""
     from tqdm.auto import tqdm
 
-    from ..residual import get_scheme
     from ..model import Seq2SeqTransformer
 
     if args.run is not None:
@@ -132,7 +131,7 @@ def models(args):
         batch = _batch(args, mcfg, "cpu")
         torch.manual_seed(args.seed)
         model = Seq2SeqTransformer(mcfg)
-        get_scheme(scheme).calibrate(model, batch["src"], batch["tgt_in"], seed=args.seed)
+        model.scheme.calibrate(model, batch["src"], batch["tgt_in"], seed=args.seed)
         yield scheme, scheme, model.eval(), batch, "init"
 
 

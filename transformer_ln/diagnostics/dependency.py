@@ -7,10 +7,15 @@ Each sub-layer output is an exact linear sum of the stack input and the branch o
 and beta_{i,j} = s_{i,j} / sqrt(sum_k s_{i,k}^2), with s_{i,j} the per-token std (over hidden units) of component j
 in x_i, averaged over non-pad positions. Components are tracked as tensors through hooks:
 
-* Pre-LN: the stream is the plain sum x_0 + a_1 + ... + a_i; components are the raw branch outputs.
-* Post-LN / Admin: at an Admin shortcut the old components are multiplied by omega_i; at LN_i every component c
-  becomes gamma_i * (c - mean(c)) / sigma_i, sigma_i the per-token std of the LN input (with the LN's eps). Keeping
-  1/sigma matters: without it Post-LN and Pre-LN give the same beta at initialisation.
+* At a sub-layer's residual combiner s * x + b * a (``Residual.scales()``: Admin's omega, DeepNorm's alpha on the
+  shortcut, ReZero's alpha on the branch) the old components are multiplied by s and the new one is b * a_i; a plain
+  shortcut (Pre-LN, Sub-LN, Sandwich, T-Fixup) just appends a_i. Norms inside a branch are part of a_i.
+* At a post-norm every component goes through the norm's linear part (``norm.decompose``): for LayerNorm
+  gamma_i * (c - mean(c)) / sigma_i with sigma_i the per-token std of the norm input (with its eps); RMSNorm,
+  DyT and BatchNorm have their own. Keeping 1/sigma matters: without it Post-LN and Pre-LN give the same beta at
+  initialisation.
+* ResiDual: the hooks see its Post-LN stream p (the combiner ``residual``); its accumulated stream d only enters the
+  stack output.
 
 Unlike the reference code we instrument the decoder too (x_0 = target embedding output; the cross-attention
 branches are decoder components; the encoder output enters only through branches), mask padding, and run in eval
@@ -22,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..residual import OmegaResidual
 from .hooks import STACKS, mode, pad_masks, registered_hooks, sublayers
 
 
@@ -45,16 +49,17 @@ class _StackTracker:
         x, a = inputs[0], inputs[1]
         if not self.comps:  # first sub-layer of the stack: its shortcut is x_0
             self.comps.append(x.double())
-        if isinstance(module, OmegaResidual):
-            omega = module.omega.detach().double()
-            self.comps = [c * omega for c in self.comps]
-        self.comps.append(a.double())
+        s, b = module.scales()
+        if s is not None:
+            s = s.detach().double() if isinstance(s, torch.Tensor) else float(s)
+            self.comps = [c * s for c in self.comps]
+        a = a.double()
+        if b is not None:
+            a = a * (b.detach().double() if isinstance(b, torch.Tensor) else float(b))
+        self.comps.append(a)
 
-    def on_norm(self, module: nn.LayerNorm, inputs: tuple, output: torch.Tensor) -> None:
-        b = inputs[0].double()
-        sigma = torch.sqrt(b.var(dim=-1, unbiased=False, keepdim=True) + module.eps)  # (B, T, 1)
-        gain = module.weight.detach().double() if module.weight is not None else 1.0
-        self.comps = [gain * (c - c.mean(dim=-1, keepdim=True)) / sigma for c in self.comps]
+    def on_norm(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.comps = module.decompose(self.comps, inputs[0].double())
 
     def on_sublayer(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         for j, c in enumerate(self.comps):
@@ -72,12 +77,15 @@ def residual_stds(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor) -> 
         for stack in STACKS:
             tr = trackers[stack]
             for name, sub in stacks[stack]:
+                if not hasattr(sub.residual, "scales"):
+                    raise ValueError(f"{name}.residual is {type(sub.residual).__name__}; the dependency "
+                                     "decomposition needs a transformer_ln Residual (with scales())")
                 hooks.forward(sub.residual, tr.on_residual)
-                if isinstance(sub.post_norm, nn.LayerNorm):
+                if hasattr(sub.post_norm, "decompose"):
                     hooks.forward(sub.post_norm, tr.on_norm)
                 elif not isinstance(sub.post_norm, nn.Identity):
                     raise ValueError(f"{name}.post_norm is {type(sub.post_norm).__name__}; the dependency "
-                                     "decomposition knows LayerNorm and Identity only")
+                                     "decomposition needs a norm from transformer_ln.norms (with decompose())")
                 hooks.forward(sub, tr.on_sublayer)
         model(src, tgt_in)
     return {s: trackers[s].s for s in STACKS}

@@ -1,7 +1,7 @@
 """Output change at initialisation against depth: the paper's O(N) (Post-LN) versus O(log N) (Pre-LN, Admin).
 
-For each scheme and encoder depth L (N = 2L sub-layers) a fresh model is built with a fixed seed, Admin's omega is
-profiled (``admin_init``, dropout on, as the reference), and ``output_change`` is measured on the encoder in eval
+For each scheme and encoder depth L (N = 2L sub-layers) a fresh model is built with a fixed seed and calibrated by its
+scheme (Admin's omega profiled by ``admin_init``, dropout on, as the reference), and ``output_change`` is measured on the encoder in eval
 mode. Both y = a*N + b and y = a*log(N) + b are fitted by least squares; the one with the higher R^2 "fits better".
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model import Seq2SeqTransformer
-from ..residual import get_scheme
+from ..residual import SCHEMES
 from .batch import random_batch
 from .output_change import output_change
 
@@ -44,18 +44,19 @@ def build_model(residual: str, n_enc_layers: int, d_model: int = 512, n_heads: i
     model = Seq2SeqTransformer(cfg)
     if batch is None:
         batch = random_batch(vocab_size, seed=seed)
-    get_scheme(residual).calibrate(model, batch["src"], batch["tgt_in"], seed=seed)
+    model.scheme.calibrate(model, batch["src"], batch["tgt_in"], seed=seed)
     return model.eval()
 
 
-def depth_sweep(residuals: Iterable[str] = ("post_ln", "pre_ln", "admin"),
+def depth_sweep(residuals: Iterable[str] = tuple(SCHEMES),
                 depths: Iterable[int] = (1, 2, 4, 8, 16, 32, 50), d_model: int = 512, n_heads: int = 8,
                 d_ff: int | None = None, vocab_size: int = 1000, batch_size: int = 4, seq_len: int = 20,
                 eps: float = 1e-4, mode: str = "random", n_samples: int = 1, seed: int = 0,
                 progress: bool = True, **model_kw) -> dict:
     """Encoder output change at initialisation for every (scheme, depth); each model is built once.
 
-    ``model_kw`` are further ``ModelConfig`` fields (``dropout``, ``activation``, ``admin_omega``, ``pad_id``...).
+    ``residuals`` defaults to every registered scheme. ``model_kw`` are further ``ModelConfig`` fields (``norm``,
+    ``dropout``, ``activation``, ``admin_omega``, ``pad_id``...).
 
     Returns ``{"config": {...}, "results": {scheme: {"depths", "sublayers", "output_change", "fit", "ratio"}}}``
     with ``ratio`` = output change at the deepest / at the shallowest depth.

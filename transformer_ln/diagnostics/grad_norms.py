@@ -2,7 +2,8 @@
 
 For each sub-layer i (names such as ``encoder.layers.3.ffn``) we report
 
-    output_grad_norm = |dL/dx_i|_F      at the sub-layer output x_i (LN output for Post-LN/Admin, the stream for Pre-LN)
+    output_grad_norm = |dL/dx_i|_F      at the sub-layer output x_i (LN output for Post-LN/Admin, the stream for Pre-LN;
+                                        both streams of ResiDual, sqrt(|dL/dp_i|^2 + |dL/dd_i|^2))
     param_grad_norm  = sqrt(sum_p |dL/dp|_F^2)  over the sub-layer's own parameters (branch, norms, omega)
 
 and each divided by its largest value in the whole network (``*_rel``), the paper's relative gradient norm. L is the
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..sublayer import stream_tensors
 from .hooks import STACKS, registered_hooks, sublayers
 from .hooks import mode as train_mode
 from .output_change import token_loss
@@ -40,11 +42,11 @@ def gradient_norms(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, tg
     """
     stacks = sublayers(model)
     named = [(stack, i + 1, name, sub) for stack in STACKS for i, (name, sub) in enumerate(stacks[stack])]
-    outputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
 
     def capture(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            outputs[name] = output
+        def hook(module: nn.Module, inputs: tuple, output) -> None:
+            outputs[name] = stream_tensors(output)
         return hook
 
     with registered_hooks() as hooks, train_mode(model, training), torch.enable_grad():
@@ -53,14 +55,16 @@ def gradient_norms(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, tg
         loss = token_loss(model, src, tgt_in, tgt_out)
         params = [[p for p in sub.parameters() if p.requires_grad] for *_, sub in named]
         flat = [p for group in params for p in group]
-        grads = torch.autograd.grad(loss, [outputs[n] for _, _, n, _ in named] + flat, allow_unused=True)
-    out_grads, param_grads = grads[:len(named)], list(grads[len(named):])
+        streams = [t for _, _, n, _ in named for t in outputs[n]]
+        grads = torch.autograd.grad(loss, streams + flat, allow_unused=True)
+    out_grads, param_grads = list(grads[:len(streams)]), list(grads[len(streams):])
     result: dict[str, dict[str, Any]] = {}
-    for (stack, index, name, _), g_out, group in zip(named, out_grads, params):
+    for (stack, index, name, _), group in zip(named, params):
+        g_outs = [out_grads.pop(0) for _ in outputs[name]]
         g_params = [param_grads.pop(0) for _ in group]
         result[name] = {
             "stack": stack, "index": index,
-            "output_grad_norm": 0.0 if g_out is None else g_out.double().norm().item(),
+            "output_grad_norm": math.sqrt(sum(g.double().pow(2).sum().item() for g in g_outs if g is not None)),
             "param_grad_norm": math.sqrt(sum(g.double().pow(2).sum().item() for g in g_params if g is not None)),
         }
     for key in NORM_KEYS:

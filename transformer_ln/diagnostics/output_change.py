@@ -5,8 +5,8 @@
 
 F is each stack's output: the encoder output (``model.encode``, after Pre-LN's final LayerNorm) and the decoder's
 final hidden state (after its final LayerNorm, before the vocabulary projection). The norm is the squared L2 norm
-over the whole (B, T, D) tensor with pad positions left out. Perturbed: every parameter except biases, LayerNorm
-parameters and Admin's omega (as the reference code); the embedding matrices are weights and do move. The decoder's
+over the whole (B, T, D) tensor with pad positions left out. Perturbed: every parameter except biases, norm
+parameters and the residual combiners' scales (Admin's omega, ReZero's alpha), as the reference code; the embedding matrices are weights and do move. The decoder's
 change includes what reaches it through the perturbed encoder output: it is the change of the full model up to the
 decoder's last hidden state.
 
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..residual import OmegaResidual
+from ..norms import is_norm
+from ..residual import Residual
 from .hooks import STACKS, pad_masks
 from .hooks import mode as train_mode
 
@@ -44,9 +45,9 @@ class _Stacks(nn.Module):
 
 
 def perturbed_names(model: nn.Module) -> list[str]:
-    """Names (as in ``named_parameters()``) of the weights that move: not biases, LayerNorm params or omega."""
+    """Names (as in ``named_parameters()``) of the weights that move: not biases, norm params or combiner scales."""
     skip = {id(p) for m in model.modules() for pname, p in m.named_parameters(recurse=False)
-            if pname == "bias" or isinstance(m, (nn.LayerNorm, OmegaResidual))}
+            if pname == "bias" or is_norm(m) or isinstance(m, Residual)}
     return [n for n, p in model.named_parameters() if id(p) not in skip]
 
 

@@ -1,0 +1,178 @@
+"""The residual sub-layer and the interface every scheme of ``transformer_ln.residual`` implements.
+
+A sub-layer is a branch f between optional slots (the decomposition of x-transformers and torchtune)::
+
+    h = pre_norm(x)      a = Dropout(branch_norm(f(h)))      x' = post_norm(residual(x, a))
+
+with ``residual(x, a) = s * x + b * a``; ``Residual.scales()`` exposes (s, b), and an empty slot is ``nn.Identity``.
+A branch may hold a norm of its own (``inner_norm``, Sub-LN's). A ``ResidualScheme`` fills the slots at build time,
+told the sub-layer's ``Site``; ``Sublayer.forward`` is the same for every scheme, and nothing branches on a name.
+
+Analysis attaches forward hooks: on ``residual`` (positional inputs exactly the shortcut x and the branch output a,
+output the sum before ``post_norm``), on the norms (each has ``decompose``), and on the ``Sublayer`` itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import Dropout
+from .norms import DEFAULT_NORM, NORMS, apply_norm, make_norm
+
+STACKS = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a sub-layer sits: what depth-dependent constants (Admin, DeepNorm, T-Fixup, Sub-LN) are computed from.
+
+    ``index`` is the paper's 1-based sub-layer number within the stack; ``kind`` is ``self_attn``, ``cross_attn`` or
+    ``ffn``; ``n_sublayers`` the stack's number of residual sub-layers (2 per encoder layer, 3 per decoder layer).
+    """
+
+    stack: str
+    kind: str
+    layer: int
+    index: int
+    n_enc_layers: int
+    n_dec_layers: int
+    d_model: int
+    n_sublayers: int
+
+
+class Residual(nn.Module):
+    """The plain shortcut ``x + f_x``: shortcut and branch scale 1."""
+
+    def scales(self) -> tuple[torch.Tensor | float | None, torch.Tensor | float | None]:
+        """``(s, b)`` with ``forward(x, f_x) == s * x + b * f_x``; None stands for 1."""
+        return None, None
+
+    def forward(self, x: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
+        return x + f_x
+
+
+class Sublayer(nn.Module):
+    """One residual sub-layer: ``post_norm(residual(x, dropout(branch_norm(branch(pre_norm(x), *ctx)))))``.
+
+    ``keep`` (bool (B, T), True at real tokens) reaches the norms and the branch only when given: BatchNorm needs it
+    for its statistics; every other norm ignores padding by construction.
+    """
+
+    def __init__(self, branch: nn.Module, residual: nn.Module, pre_norm: nn.Module | None = None,
+                 branch_norm: nn.Module | None = None, post_norm: nn.Module | None = None, dropout: float = 0.0,
+                 scheme: "ResidualScheme | None" = None, site: Site | None = None):
+        super().__init__()
+        self.pre_norm = nn.Identity() if pre_norm is None else pre_norm
+        self.branch = branch
+        self.branch_norm = nn.Identity() if branch_norm is None else branch_norm
+        self.dropout = Dropout(dropout)
+        self.residual = residual
+        self.post_norm = nn.Identity() if post_norm is None else post_norm
+        self.scheme, self.site = scheme, site  # plain attributes: the init hook and analysis read them
+
+    def _branch(self, x: torch.Tensor, ctx: tuple, kwargs: dict, keep: torch.Tensor | None) -> torch.Tensor:
+        if keep is None:
+            return self.dropout(self.branch_norm(self.branch(self.pre_norm(x), *ctx, **kwargs)))
+        f = self.branch(apply_norm(self.pre_norm, x, keep), *ctx, keep=keep, **kwargs)
+        return self.dropout(apply_norm(self.branch_norm, f, keep))
+
+    def forward(self, x: torch.Tensor, *ctx, keep: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        a = self._branch(x, ctx, kwargs, keep)
+        return apply_norm(self.post_norm, self.residual(x, a), keep)
+
+
+class DualSublayer(Sublayer):
+    """A sub-layer on two streams (p, d) (ResiDual): ``p' = post_norm(residual(p, a))``, ``d' = d + a``, a = branch(p).
+
+    Input and output are ``(p, d)`` tuples; a plain tensor x is taken as ``(x, x)``. ``residual`` combines the
+    Post-LN stream p (what analysis hooks see as the sub-layer's shortcut and branch); ``dual`` accumulates d.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dual = Residual()
+
+    def forward(self, x, *ctx, keep: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        p, d = x if isinstance(x, tuple) else (x, x)
+        a = self._branch(p, ctx, kwargs, keep)
+        return apply_norm(self.post_norm, self.residual(p, a), keep), self.dual(d, a)
+
+
+class ResidualScheme:
+    """Post-LN's placement by default; subclasses in ``transformer_ln.residual`` change the class attributes below
+    and override the hooks they need. An instance is built with its options (``norm`` and those named in
+    ``options``, read from ``ModelConfig`` fields of the same names) and builds every sub-layer of a model.
+    """
+
+    name = "post_ln"
+    label = "Post-LN"
+    color = "tab:red"
+    pre_norm = False     # norm on the branch input
+    branch_norm = False  # norm on the branch output, before the sum (Sandwich / Peri-LN)
+    post_norm = True     # norm on the sum
+    final_norm = False   # norm at the end of each stack
+    has_norms = True     # False: the scheme holds no normalization module at all (``norm`` must stay the default)
+    custom_init = False  # True: ``init_sublayer``/``init_model`` change the default initialisation
+    sublayer_class = Sublayer
+    options: tuple[str, ...] = ()  # further ModelConfig fields the scheme reads (Admin: admin_omega)
+
+    def __init__(self, norm: str = DEFAULT_NORM):
+        if norm not in NORMS:
+            raise ValueError(f"norm: got {norm!r}, allowed: {', '.join(map(repr, NORMS))}")
+        if not self.has_norms and norm != DEFAULT_NORM:
+            raise ValueError(f"norm: got {norm!r}, but residual scheme {self.name!r} has no normalization; "
+                             f"leave norm at {DEFAULT_NORM!r} (the default, unused by this scheme)")
+        self.norm = norm
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={getattr(self, k)!r}" for k in self.options)
+        return f"{type(self).__name__}(norm={self.norm!r}{opts})"
+
+    # ---- build time
+    def make_norm(self, d_model: int) -> nn.Module:
+        return make_norm(self.norm, d_model)
+
+    def _slot(self, enabled: bool, d_model: int) -> nn.Module | None:
+        return self.make_norm(d_model) if enabled and self.has_norms else None
+
+    def residual(self, site: Site) -> nn.Module:
+        """The module that combines shortcut and branch at ``site``."""
+        return Residual()
+
+    def build_sublayer(self, branch: nn.Module, site: Site, dropout: float = 0.0) -> Sublayer:
+        return self.sublayer_class(branch, self.residual(site), pre_norm=self._slot(self.pre_norm, site.d_model),
+                                   branch_norm=self._slot(self.branch_norm, site.d_model),
+                                   post_norm=self._slot(self.post_norm, site.d_model), dropout=dropout,
+                                   scheme=self, site=site)
+
+    def stack_norm(self, d_model: int) -> nn.Module:
+        """The norm at the end of each stack (``nn.Identity`` if the scheme has none)."""
+        norm = self._slot(self.final_norm, d_model)
+        return nn.Identity() if norm is None else norm
+
+    # ---- forward of a stack
+    def begin(self, x0: torch.Tensor):
+        """The stream entering the first sub-layer, from the stack input x_0."""
+        return x0
+
+    def end(self, stream, final_norm: nn.Module, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The stack output from the stream leaving its last sub-layer."""
+        return apply_norm(final_norm, stream, keep)
+
+    # ---- initialisation and calibration
+    def init_sublayer(self, sub: Sublayer) -> None:
+        """Called by ``init_weights`` on every sub-layer after the default initialisation."""
+
+    def init_model(self, model: nn.Module) -> None:
+        """Called by ``init_weights`` on a whole ``Seq2SeqTransformer`` after the sub-layers (embeddings)."""
+
+    def calibrate(self, model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: int = 0) -> dict | None:
+        """Data-dependent initialisation on one batch before the first update; None if the scheme has none."""
+        return None
+
+
+def stream_tensors(output) -> list[torch.Tensor]:
+    """The tensors of a sub-layer's output stream (one, or ResiDual's two)."""
+    return list(output) if isinstance(output, tuple) else [output]
