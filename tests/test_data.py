@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from transformer_ln import DataConfig, RunConfig, UserError
-from transformer_ln.data import (BOS, EOS, PAD, UNK, TokenBatchSampler, build_tokenizer, encode_pairs,
-                                 generate_synthetic, lengths, load_corpus, prepare_data)
+from transformer_ln.data import (BOS, EOS, PAD, UNK, TokenBatchSampler, build_tokenizer, generate_synthetic,
+                                 load_corpus, prepare_data)
 from transformer_ln.data.cli import main as data_main
 
 MULTI30K = Path(__file__).parents[2] / "shared/data/multi30k"
@@ -142,24 +142,9 @@ def test_tokenizer_is_saved_and_reloaded_with_the_same_ids(tmp_path, synthetic_p
     assert again.get_vocab_size() == tok.get_vocab_size() <= 500
 
 
-def test_encode_pairs_appends_eos_filters_and_caches(tmp_path, synthetic_tokenizer):
-    pairs = [("Short.", "Kurz."), ("A much longer sentence " * 5, "Kurz."), ("Kurz.", "Also a long target " * 5)]
-    ds, n_filtered = encode_pairs(pairs, synthetic_tokenizer, max_positions=12, cache_dir=tmp_path)
-    assert n_filtered == 2 and len(ds) == 1
-    row = ds[0]
-    assert row["id"] == 0
-    assert row["src_ids"] == synthetic_tokenizer.encode("Short.").ids + [EOS]
-    assert row["tgt_ids"][-1] == EOS
-    assert list(tmp_path.glob("encoded-*.arrow"))
-    again, n_again = encode_pairs(pairs, synthetic_tokenizer, max_positions=12, cache_dir=tmp_path)
-    assert n_again == 2 and again[:] == ds[:]
-    src_lens, tgt_lens = lengths(ds)
-    assert src_lens.tolist() == [len(row["src_ids"])] and tgt_lens.tolist() == [len(row["tgt_ids"])]
-
-
 def test_padding_efficiency_on_the_synthetic_corpus(synthetic_pairs, synthetic_tokenizer):
-    ds, _ = encode_pairs(synthetic_pairs, synthetic_tokenizer, max_positions=256)
-    src, tgt = lengths(ds)
+    src = [len(synthetic_tokenizer.encode(s).ids) + 1 for s, _ in synthetic_pairs]
+    tgt = [len(synthetic_tokenizer.encode(t).ids) + 1 for _, t in synthetic_pairs]
     assert TokenBatchSampler(src, tgt, 4096, seed=1).padding_efficiency() >= 0.90
 
 
@@ -170,7 +155,7 @@ def test_padding_efficiency_on_multi30k(tmp_path):
                                         "valid_tgt": str(MULTI30K / "val.en")},
                                "train": {"max_tokens": 4096, "max_epochs": 1}})
     data = prepare_data(cfg, tmp_path)
-    assert len(data.pairs["train"]) == 29000
+    assert data.n_pairs["train"] == len(data.splits["train"]) == 29000
     assert data.sampler("train", 4096, seed=1).padding_efficiency() >= 0.95
 
 
@@ -187,14 +172,17 @@ def test_prepare_data_trains_then_reuses_the_tokenizer(tmp_path):
     cfg = small_run_config(tmp_path)
     data = prepare_data(cfg, tmp_path / "run")
     assert (tmp_path / "run" / "tokenizer.json").is_file()
-    assert set(data.datasets) == {"train", "valid", "test"}
-    assert len(data.datasets["train"]) + data.n_filtered["train"] == len(data.pairs["train"]) == 300
-    row = data.datasets["valid"][3]
-    src_text = data.pairs["valid"][row["id"]][0]
-    assert data.tokenizer.decode(row["src_ids"]) == src_text
+    assert set(data.splits) == {"train", "valid", "test"}
+    assert len(data.splits["train"]) + data.n_filtered["train"] == data.n_pairs["train"] == 300
+    pos = int((data.splits["valid"].rows == 3).nonzero()[0][0]) if 3 in data.splits["valid"].rows else 0
+    row = data.batch("valid", [pos])
+    src_text = data.text("valid")[int(data.splits["valid"].rows[pos])][0]
+    ids = row["src"][0].tolist()
+    assert ids[ids.index(EOS) - 1] != PAD and data.tokenizer.decode(ids[:ids.index(EOS)]) == src_text
     again = prepare_data(cfg, tmp_path / "run")
-    assert again.tokenizer.to_str() == data.tokenizer.to_str()
-    assert again.datasets["train"][:] == data.datasets["train"][:]
+    assert again.tokenizer.to_str() == data.tokenizer.to_str() and again.directory == data.directory
+    assert again.batch("train", range(len(again.splits["train"])))["src"].equal(
+        data.batch("train", range(len(data.splits["train"])))["src"])
 
 
 def test_data_stats_prints_and_writes_json(tmp_path, capsys):

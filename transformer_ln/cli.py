@@ -20,7 +20,8 @@ COMMANDS = {
     "translate": ("transformer_ln.evaluate", "translate_main", "translate sentences with a trained run"),
     "evaluate": ("transformer_ln.evaluate", "evaluate_main", "sacreBLEU and chrF of a run on a split"),
     "average": ("transformer_ln.checkpoint", "average_main", "average the last N checkpoints of a run"),
-    "data": ("transformer_ln.data.cli", "main", "corpus statistics: sizes, lengths, <unk> rate, padding"),
+    "data": ("transformer_ln.data.cli", "main",
+             "corpus statistics (stats); tokenize and encode once for many runs (prepare)"),
     "analyze": ("transformer_ln.diagnostics.cli", "main",
                 "output change, residual dependency, gradient norms, training curves"),
 }

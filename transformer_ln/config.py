@@ -108,20 +108,23 @@ class DataConfig(Section):
     hub_name: Optional[str] = None
     hub_config: Optional[str] = None
     vocab_size: int = 8000
-    cache_dir: Optional[str] = None
+    tokenizer_sample: Optional[int] = None  # train the BPE on at most this many pairs (a seeded sample)
+    cache_dir: Optional[str] = None          # prepared data cached here, keyed by the settings (default RUN/cache)
+    prepared: Optional[str] = None           # a directory from `transformer-ln data prepare`: read it, redo nothing
+    num_proc: int = 1                        # processes encoding the corpus
 
     def __post_init__(self) -> None:
         p = self._prefix
         self.check()
-        self.positive("synthetic_size", "vocab_size")
+        self.positive("synthetic_size", "vocab_size", "num_proc", "tokenizer_sample")
         self.at_least("vocab_size", 8, "4 special tokens and some text")
-        if self.source == "files":
+        if self.source == "files" and not self.prepared:
             for n in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
                 if not getattr(self, n):
                     raise ConfigError(f"{p}{n}: required when {p}source='files' (a path to a text, .gz or .jsonl file)")
             if (self.test_src is None) != (self.test_tgt is None):
                 raise ConfigError(f"{p}test_src/{p}test_tgt: give both or neither")
-        if self.source == "hub" and not self.hub_name:
+        if self.source == "hub" and not self.hub_name and not self.prepared:
             raise ConfigError(f"{p}hub_name: required when {p}source='hub' (e.g. 'wmt14' or 'iwslt2017')")
 
 

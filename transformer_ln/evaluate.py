@@ -89,7 +89,7 @@ def bleu_and_chrf(hyps: list[str], refs: list[str]) -> dict:
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", beam: int | None = None,
                  lenpen: float | None = None, accelerator=None, model=None, limit: int | None = None) -> dict:
     """Translate ``split`` of the run's corpus, score it, write ``eval_<split>.json``; returns the scores."""
-    from .data import load_corpus
+    from .data import prepare_data
 
     run = RunDir(run_dir)
     run_dir = run.path
@@ -100,7 +100,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
         model, cfg = ckpt_lib.load_model(run_dir, checkpoint, device)
     else:
         cfg = ckpt_lib.load_run_config_from(run_dir)
-    pairs = load_corpus(cfg.data).get(split)
+    data = prepare_data(cfg, run_dir, accelerator)  # the run's prepared data (or its cache), memory-mapped
+    pairs = data.text(split) if split in data.splits else None
     if not pairs:
         raise UserError(f"the corpus of {run_dir} has no {split!r} split (data.test_src/test_tgt unset?)")
     pairs = pairs[:limit] if limit else pairs

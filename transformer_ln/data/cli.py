@@ -1,7 +1,10 @@
-"""``transformer-ln data stats [CONFIG] [overrides]``: what a corpus looks like to the model before training on it.
+"""``transformer-ln data stats|prepare [CONFIG] [overrides]``: look at a corpus, or preprocess it once for all runs.
 
-Sizes per split, token-length percentiles, the ``<unk>`` rate (vocabulary coverage), and the number of batches and
-the padding efficiency at ``train.max_tokens``, optionally written as JSON.
+``stats``: sizes per split, token-length percentiles, the ``<unk>`` rate (vocabulary coverage), and the number of
+batches and the padding efficiency at ``train.max_tokens``, optionally written as JSON.
+
+``prepare --out DIR``: train the tokenizer and encode every split into DIR (memory-mapped Arrow files, written
+atomically); then ``transformer-ln train CONFIG data.prepared=DIR`` reads them instead of redoing any of it.
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import numpy as np
 
 from ..atomic import write_text
 from ..cli import Parser, add_config_arguments, config_from_arguments
-from .batching import TokenBatchSampler
+from ..config import RunConfig
+from ..errors import UserError
 from .prepare import prepare_data
+from .store import MANIFEST, build_prepared, cache_key, read_manifest
 from .tokenizer import UNK
 
 PERCENTILES = (50, 90, 95, 99)
@@ -24,10 +29,13 @@ PERCENTILES = (50, 90, 95, 99)
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="transformer-ln data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["stats"], help="what to do (only 'stats' for now)")
+    p.add_argument("command", choices=["stats", "prepare"],
+                   help="stats: corpus statistics; prepare: tokenize and encode once into --out DIR")
     add_config_arguments(p)
-    p.add_argument("--out", metavar="DIR", help="run directory for tokenizer.json and the cache "
-                   "(default: a temporary directory, deleted afterwards)")
+    p.add_argument("--out", metavar="DIR", help="prepare: the directory to write (required); stats: run directory "
+                   "for tokenizer.json and the cache (default: a temporary directory, deleted afterwards)")
+    p.add_argument("--num-proc", type=int, default=None, metavar="N",
+                   help="prepare: processes that encode the corpus (default: data.num_proc)")
     p.add_argument("--json", metavar="FILE", help="also write the statistics to FILE as JSON")
     return p
 
@@ -41,25 +49,28 @@ def _length_stats(lens: np.ndarray) -> dict:
 
 
 def compute_stats(cfg, run_dir: Path) -> dict:
-    """All statistics as a JSON-ready dict."""
+    """All statistics as a JSON-ready dict, read from the memory-mapped prepared data."""
+    import pyarrow.compute as pc
+
     data = prepare_data(cfg, run_dir)
-    stats: dict = {"source": cfg.data.source, "vocab_size": data.vocab_size, "max_tokens": cfg.train.max_tokens,
-                   "max_positions": cfg.model.max_positions, "splits": {}}
-    for split, ds in data.datasets.items():
+    stats: dict = {"source": data.data_config.source, "vocab_size": data.vocab_size,
+                   "max_tokens": cfg.train.max_tokens, "max_positions": cfg.model.max_positions, "splits": {}}
+    for split, enc in data.splits.items():
         src_lens, tgt_lens = data.lengths(split)
-        table = ds.with_format("arrow")[:]
-        n_unk = n_tok = 0
-        for col in ("src_ids", "tgt_ids"):
-            flat = table[col].combine_chunks().flatten().to_numpy() if table.num_rows else np.zeros(0)
-            n_unk += int((flat == UNK).sum())
-            n_tok += len(flat)
-        sampler = TokenBatchSampler(src_lens, tgt_lens, cfg.train.max_tokens, cfg.train.seed)
+        n_unk = 0
+        ids = enc.dataset.with_format("arrow", columns=["src_ids", "tgt_ids"])
+        for start in range(0, len(enc.dataset), 100_000):  # chunk by chunk: memory stays flat
+            table = ids[start:start + 100_000]
+            for col in ("src_ids", "tgt_ids"):
+                n_unk += int(pc.sum(pc.equal(pc.list_flatten(table[col]), UNK)).as_py() or 0)
+        n_tok = int(np.load(data.directory / split / "lengths.npy").sum())  # every row, as the <unk> count
+        sampler = data.sampler(split, cfg.train.max_tokens, cfg.train.seed)
         stats["splits"][split] = {
-            "pairs": len(data.pairs[split]) + data.n_empty.get(split, 0), "dropped_empty": data.n_empty.get(split, 0),
-            "filtered_too_long": data.n_filtered[split], "encoded": len(ds),
+            "pairs": data.n_pairs[split], "dropped_empty": data.n_empty[split],
+            "filtered_too_long": data.n_filtered[split], "encoded": len(enc),
             "src_tokens": _length_stats(src_lens), "tgt_tokens": _length_stats(tgt_lens),
             "unk_rate": n_unk / n_tok if n_tok else 0.0,
-            "batches": len(sampler.batches), "sentences_per_batch": round(len(ds) / max(len(sampler.batches), 1), 1),
+            "batches": len(sampler.batches), "sentences_per_batch": round(len(enc) / max(len(sampler.batches), 1), 1),
             "padding_efficiency": round(sampler.padding_efficiency(), 4),
         }
     return stats
@@ -87,6 +98,8 @@ def main(argv: list[str]) -> int:
         return 2
     args = _parser().parse_intermixed_args(argv)
     cfg = config_from_arguments(args.args)  # without CONFIG: the built-in defaults, so train.max_epochs stays set
+    if args.command == "prepare":
+        return prepare_main(cfg, args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import datasets
 
@@ -100,4 +113,37 @@ def main(argv: list[str]) -> int:
     if args.json:
         write_text(args.json, json.dumps(stats, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    return 0
+
+
+def prepare_main(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """Write the prepared directory; an existing one for the same settings is kept, one for others refused."""
+    if not args.out:
+        raise UserError("data prepare needs --out DIR: the directory to write the tokenizer and encoded splits to")
+    if cfg.data.prepared:
+        raise UserError("data prepare writes a prepared directory; drop data.prepared from the config/overrides")
+    num_proc = cfg.data.num_proc if args.num_proc is None else args.num_proc
+    if num_proc < 1:
+        raise UserError(f"--num-proc: got {num_proc}, must be at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a directory")
+        if (out / MANIFEST).is_file():
+            manifest = read_manifest(out)
+            if manifest["key"] == cache_key(cfg.data):
+                print(f"{out} already holds this data (key {manifest['key']}); nothing to do")
+                return 0
+            raise UserError(f"{out} holds prepared data for other settings or files (key {manifest['key']}, "
+                            f"these give {cache_key(cfg.data)}); choose another --out or delete it")
+        if any(out.iterdir()):
+            raise UserError(f"--out {out} exists and is not empty (and not a prepared directory, or an "
+                            f"interrupted one): delete it or choose another directory")
+    build_prepared(cfg.data, out, num_proc=num_proc, progress=True)
+    manifest = read_manifest(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    rows = ", ".join(f"{k} {v['rows']}" for k, v in manifest["splits"].items())
+    print(f"prepared {out}: {rows} pairs, vocabulary {cfg.data.vocab_size}, {size / 2**20:.1f} MiB, "
+          f"{manifest['seconds']['total']:.1f} s\nuse it with: transformer-ln train CONFIG data.prepared={out}")
     return 0

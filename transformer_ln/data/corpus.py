@@ -1,8 +1,9 @@
-"""Parallel text as ``{split: [(src, tgt), ...]}`` from the built-in generator, local files or the hub.
+"""Parallel text per split from the built-in generator, local files or the hub, as Arrow datasets.
 
-Loading goes through ``datasets.load_dataset`` (its cache, its ``.gz`` handling, its JSON reader). What it does not
-give is an error a user can act on, so every failure here becomes a ``UserError`` that names the file, the line or
-the fix, never a traceback from inside ``datasets``.
+Loading goes through ``datasets.load_dataset`` (its cache, its ``.gz`` handling, its JSON reader), and the result
+stays a memory-mapped Arrow table with columns ``src`` and ``tgt``: a corpus of WMT size is never a Python list.
+What ``datasets`` does not give is an error a user can act on, so every failure here becomes a ``UserError`` that
+names the file, the line or the fix, never a traceback from inside ``datasets``.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+from datasets import Dataset, Features, Value, concatenate_datasets
+
 from ..config import DataConfig
 from ..errors import UserError
 from .synthetic import synthetic_splits
@@ -21,20 +25,19 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 SYNTHETIC_EVAL_SIZE = 500
+_TEXT_PAIR = Features({"src": Value("string"), "tgt": Value("string")})
 _HUB_SPLITS = {"train": "train", "validation": "valid", "valid": "valid", "dev": "valid", "test": "test"}
 
 
-def load_corpus(data_cfg: DataConfig, cache_dir: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
-    """Stripped, non-empty sentence pairs per split: "train", "valid", and "test" when there is one."""
-    return load_corpus_counted(data_cfg, cache_dir)[0]
+def load_raw(data_cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple[dict[str, Dataset], dict[str, str]]:
+    """``({split: Dataset with string columns src, tgt}, {split: where it came from})``, text as in the files.
 
-
-def load_corpus_counted(data_cfg: DataConfig, cache_dir: str | Path | None = None
-                        ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
-    """Like ``load_corpus``, plus the number of pairs dropped per split because one side was empty."""
+    Stripping and dropping pairs with an empty side happen later, while encoding (``store.py``).
+    """
     cache = str(cache_dir or data_cfg.cache_dir) if (cache_dir or data_cfg.cache_dir) else None
     if data_cfg.source == "synthetic":
-        raw = synthetic_splits(data_cfg.synthetic_size, data_cfg.synthetic_seed, SYNTHETIC_EVAL_SIZE)
+        splits = synthetic_splits(data_cfg.synthetic_size, data_cfg.synthetic_seed, SYNTHETIC_EVAL_SIZE)
+        raw = {k: Dataset.from_dict({"src": [s for s, _ in v], "tgt": [t for _, t in v]}) for k, v in splits.items()}
         origin = {k: f"the synthetic corpus (seed {data_cfg.synthetic_seed})" for k in raw}
     elif data_cfg.source == "files":
         raw, origin = _load_files(data_cfg, cache)
@@ -42,21 +45,35 @@ def load_corpus_counted(data_cfg: DataConfig, cache_dir: str | Path | None = Non
         raw, origin = _load_hub(data_cfg, cache)
     else:  # DataConfig validates this already
         raise UserError(f"data.source: got {data_cfg.source!r}, allowed: 'synthetic', 'files', 'hub'")
+    return raw, origin
+
+
+def load_corpus(data_cfg: DataConfig, cache_dir: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Stripped, non-empty sentence pairs per split as Python lists: for small corpora and tests only."""
+    return load_corpus_counted(data_cfg, cache_dir)[0]
+
+
+def load_corpus_counted(data_cfg: DataConfig, cache_dir: str | Path | None = None
+                        ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
+    """Like ``load_corpus``, plus the number of pairs dropped per split because one side was empty."""
+    raw, origin = load_raw(data_cfg, cache_dir)
     pairs, dropped = {}, {}
-    for split, rows in raw.items():
-        pairs[split] = [(s.strip(), t.strip()) for s, t in rows]
-        pairs[split] = [(s, t) for s, t in pairs[split] if s and t]
+    for split, ds in raw.items():
+        rows = [(s.strip(), t.strip()) for s, t in zip(ds["src"], ds["tgt"])]
+        pairs[split] = [(s, t) for s, t in rows if s and t]
         dropped[split] = len(rows) - len(pairs[split])
-        if dropped[split]:
-            log.warning("%s: dropped %d pair(s) with an empty side, from %s", split, dropped[split], origin[split])
-        if not pairs[split]:
-            raise UserError(f"the {split} split is empty: {origin[split]} holds no pair with text on both sides")
+        report_empty(split, dropped[split], len(pairs[split]), origin[split])
     return pairs, dropped
 
 
 def check_sources(data_cfg: DataConfig) -> None:
     """Cheap checks that the corpus can be found (every configured file exists and is readable), made before a
     run deletes anything; the full load reports everything else."""
+    if data_cfg.prepared:
+        if not (Path(data_cfg.prepared) / "manifest.json").is_file():
+            raise UserError(f"data.prepared: {data_cfg.prepared} is not a prepared data directory (no manifest.json); "
+                            f"create it with `transformer-ln data prepare CONFIG --out {data_cfg.prepared}`")
+        return
     if data_cfg.source != "files":
         return
     for split in SPLITS:
@@ -68,6 +85,14 @@ def check_sources(data_cfg: DataConfig) -> None:
                 raise UserError(f"data.{split}_{side}: file {path} does not exist")
             if not os.access(path, os.R_OK):
                 raise UserError(f"data.{split}_{side}: file {path} is not readable")
+
+
+def report_empty(split: str, dropped: int, kept: int, origin: str) -> None:
+    """Warn about pairs with an empty side; refuse a split that has nothing left."""
+    if dropped:
+        log.warning("%s: dropped %d pair(s) with an empty side, from %s", split, dropped, origin)
+    if not kept:
+        raise UserError(f"the {split} split is empty: {origin} holds no pair with text on both sides")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,8 +129,9 @@ def _chain(e: BaseException) -> list[BaseException]:
     return out
 
 
-def _load_dataset_column(path: str, field: Optional[str], cache_dir: Optional[str], what: str) -> list[str]:
-    """One column of one file through ``datasets``: the lines of a text file, or ``translation.<field>``."""
+def _load_dataset_column(path: str, field: Optional[str], cache_dir: Optional[str], what: str) -> Dataset:
+    """One column of one file through ``datasets``, as a one-column ``Dataset`` named ``text``: the lines of a
+    text file, or ``translation.<field>`` of JSON lines. Memory-mapped; nothing is read into Python lists."""
     from datasets import load_dataset
 
     if not Path(path).is_file():
@@ -123,27 +149,31 @@ def _load_dataset_column(path: str, field: Optional[str], cache_dir: Optional[st
                             f"`iconv -f latin1 -t utf-8`") from None
         causes = _chain(e)
         if any(type(c).__name__ == "SchemaInferenceError" for c in causes):
-            return []  # an empty file: the caller reports the empty split with both file names
+            return Dataset.from_dict({"text": []})  # an empty file: the caller reports the empty split
         cause = causes[-1]
         raise UserError(f"{what}: could not read {path} as {builder} ({type(cause).__name__}: "
                         f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
     if builder == "text":
-        return ds["text"]
+        return ds.select_columns(["text"])
     flat = ds.flatten()
     column = f"translation.{field}"
     if column in flat.column_names:
-        values = flat[column]
+        values = flat.select_columns([column]).rename_column(column, "text")
     elif "translation" in ds.column_names:  # rows with different keys load as one untyped Json column
-        values = [row.get(field) if isinstance(row, dict) else None for row in ds["translation"]]
+        values = Dataset.from_dict({"text": [row.get(field) if isinstance(row, dict) else None
+                                             for row in ds["translation"]]})
     else:
         raise UserError(f"{what}: {path} has no 'translation' objects; each line must look like "
                         f'{{"translation": {{"de": "...", "en": "..."}}}}')
-    if all(v is None for v in values):
+    col = values.data.column("text")
+    if len(values) and col.null_count == len(values):
         keys = sorted({c.split(".", 1)[1] for c in flat.column_names if c.startswith("translation.")})
         raise UserError(f"{what}: {path} has no language {field!r} in its 'translation' objects"
                         + (f"; found: {', '.join(keys)}" if keys else ""))
-    missing = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
-    if missing is not None:
+    if col.null_count:
+        import pyarrow.compute as pc
+
+        missing = int(np.flatnonzero(pc.is_null(col).to_numpy(zero_copy_only=False))[0])
         raise UserError(f"{what}: {path} line {missing + 1} has no text for {field!r} in its 'translation' object")
     return values
 
@@ -154,12 +184,16 @@ def _load_files(cfg: DataConfig, cache_dir: Optional[str]):
         src, tgt = getattr(cfg, f"{split}_src"), getattr(cfg, f"{split}_tgt")
         if src is None and tgt is None:
             continue  # only test may be absent; DataConfig checks the rest
-        src_lines = _load_dataset_column(src, cfg.src_lang, cache_dir, f"data.{split}_src")
-        tgt_lines = _load_dataset_column(tgt, cfg.tgt_lang, cache_dir, f"data.{split}_tgt")
-        if len(src_lines) != len(tgt_lines):
-            raise UserError(f"the {split} files do not line up: {src} has {len(src_lines)} lines but {tgt} has "
-                            f"{len(tgt_lines)}; each line of one must translate the same line of the other")
-        raw[split] = list(zip(src_lines, tgt_lines))
+        src_col = _load_dataset_column(src, cfg.src_lang, cache_dir, f"data.{split}_src")
+        tgt_col = _load_dataset_column(tgt, cfg.tgt_lang, cache_dir, f"data.{split}_tgt")
+        if len(src_col) != len(tgt_col):
+            raise UserError(f"the {split} files do not line up: {src} has {len(src_col)} lines but {tgt} has "
+                            f"{len(tgt_col)}; each line of one must translate the same line of the other")
+        if len(src_col) == 0:
+            raw[split] = Dataset.from_dict({"src": [], "tgt": []}, features=_TEXT_PAIR)
+        else:
+            raw[split] = concatenate_datasets([src_col.rename_column("text", "src"),
+                                               tgt_col.rename_column("text", "tgt")], axis=1)
         origin[split] = src if src == tgt else f"{src} and {tgt}"
     return raw, origin
 
@@ -214,7 +248,7 @@ def _load_hub(cfg: DataConfig, cache_dir: Optional[str]):
         if not src_lang or not tgt_lang or any(c not in flat.column_names for c in cols):
             raise UserError(f"dataset {label}: need data.src_lang and data.tgt_lang among the keys of its "
                             f"'translation' column; columns are {', '.join(flat.column_names)}")
-        raw[split] = list(zip(flat[cols[0]], flat[cols[1]]))
+        raw[split] = flat.select_columns(cols).rename_columns({cols[0]: "src", cols[1]: "tgt"})
         origin[split] = f"hub dataset {label} split {hub_split!r}"
     for split in ("train", "valid"):
         if split not in raw:

@@ -24,15 +24,22 @@ def _texts(pairs: Iterable[tuple[str, str]]) -> Iterator[str]:
         yield tgt
 
 
-def train_tokenizer(pairs: Sequence[tuple[str, str]], vocab_size: int) -> Tokenizer:
-    """Train a joint BPE on both sides of ``pairs`` (the training split only)."""
+def train_tokenizer(pairs: Iterable[tuple[str, str]], vocab_size: int, n_pairs: int | None = None,
+                    show_progress: bool = False) -> Tokenizer:
+    """Train a joint BPE on both sides of ``pairs`` (the training split only), read once from any iterable.
+
+    ``train_from_iterator`` consumes the text in chunks, so the corpus itself is never held in memory; what grows
+    is the table of distinct words (cap it with ``data.tokenizer_sample``). ``n_pairs`` only sizes the progress bar.
+    """
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIALS),
-                                  show_progress=False)
-    tok.train_from_iterator(_texts(pairs), trainer=trainer, length=2 * len(pairs))
+                                  show_progress=show_progress)
+    if n_pairs is None and isinstance(pairs, Sequence):
+        n_pairs = len(pairs)
+    tok.train_from_iterator(_texts(pairs), trainer=trainer, length=2 * n_pairs if n_pairs else None)
     check_specials(tok, "the trained tokenizer")
     return tok
 
@@ -58,6 +65,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    """Write ``tokenizer.json`` atomically: a crash never leaves half a tokenizer behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_with(path, lambda tmp: tok.save(str(tmp)))
+
+
 def build_tokenizer(pairs: Sequence[tuple[str, str]], vocab_size: int, path: Path | None = None) -> Tokenizer:
     """Load ``path`` if it exists (resume keeps the same ids); otherwise train and, when ``path`` is given, save."""
     if path is not None and Path(path).is_file():
@@ -66,7 +80,5 @@ def build_tokenizer(pairs: Sequence[tuple[str, str]], vocab_size: int, path: Pat
         raise UserError("cannot train a tokenizer: the training split has no sentence pairs")
     tok = train_tokenizer(pairs, vocab_size)
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_with(path, lambda tmp: tok.save(str(tmp)))  # a crash never leaves half a tokenizer behind
+        save_tokenizer(tok, path)
     return tok
