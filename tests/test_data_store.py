@@ -95,3 +95,115 @@ def test_memory_mapped_batches_equal_the_list_based_ones(tmp_path):
             got = new_batches(data, split, max_tokens, seed, epoch, shuffle, shards, shard)
             assert_same_batches(got, want)
     assert data.text("test") == pairs["test"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cache and prepared directories: reuse, invalidation, corruption
+
+
+def files_run_config(corpus: dict, cache: Path, *overrides) -> RunConfig:
+    from transformer_ln.config import apply_overrides
+
+    base = {"data": {**corpus["data"], "cache_dir": str(cache)}, "model": {"max_positions": 64},
+            "train": {"max_epochs": 1}}
+    return RunConfig.from_dict(apply_overrides(base, list(overrides)))
+
+
+def built_entries(cache: Path) -> dict[str, float]:
+    return {p.name: (p / "manifest.json").stat().st_mtime_ns for p in cache.glob("prepared-*")}
+
+
+def test_cache_is_reused_and_invalidated_by_vocab_size_or_a_changed_file(tmp_path, caplog):
+    import logging
+
+    corpus = write_corpus(tmp_path, n_train=300)
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="transformer_ln.data")
+    first = prepare_data(files_run_config(corpus, cache), tmp_path / "run1")
+    assert "training the tokenizer" in caplog.text and "encoding train" in caplog.text
+    entries = built_entries(cache)
+    assert len(entries) == 1
+    caplog.clear()
+    second = prepare_data(files_run_config(corpus, cache), tmp_path / "run2")  # another run, same data
+    assert "training the tokenizer" not in caplog.text and "encoding" not in caplog.text
+    assert "reusing the prepared data" in caplog.text and built_entries(cache) == entries
+    assert second.directory == first.directory
+    assert (tmp_path / "run2" / "tokenizer.json").read_text() == (tmp_path / "run1" / "tokenizer.json").read_text()
+    caplog.clear()
+    other = prepare_data(files_run_config(corpus, cache, "data.vocab_size=300"), tmp_path / "run3")
+    assert "training the tokenizer" in caplog.text and other.directory != first.directory
+    assert other.vocab_size <= 300 < first.vocab_size
+    caplog.clear()
+    with open(corpus["data"]["train_tgt"], "a") as f:  # same settings, edited data: a new entry
+        f.write("One more line.\n")
+    with open(corpus["data"]["train_src"], "a") as f:
+        f.write("Noch eine Zeile.\n")
+    edited = prepare_data(files_run_config(corpus, cache), tmp_path / "run4")
+    assert "training the tokenizer" in caplog.text and edited.directory not in (first.directory, other.directory)
+    assert edited.n_pairs["train"] == first.n_pairs["train"] + 1
+    assert len(built_entries(cache)) == 3
+
+
+def test_data_prepare_then_train_reads_it_and_refuses_a_corrupt_directory(tmp_path, capsys, caplog):
+    import logging
+
+    from transformer_ln import UserError
+    from transformer_ln.data.cli import main as data_main
+
+    corpus = write_corpus(tmp_path, n_train=300)
+    config = tmp_path / "c.yaml"
+    files_run_config(corpus, tmp_path / "unused-cache").save(config)
+    out = tmp_path / "prepared"
+    assert data_main(["prepare", str(config), "data.vocab_size=350", "--out", str(out)]) == 0
+    assert "data.prepared=" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".prepared.partial-*")) and not (out / "raw").exists()
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert data_main(["prepare", str(config), "data.vocab_size=350", "--out", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out and (out / "manifest.json").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="other settings"):
+        data_main(["prepare", str(config), "data.vocab_size=300", "--out", str(out)])
+    caplog.set_level(logging.INFO, logger="transformer_ln.data")
+    cfg = RunConfig.from_dict({"data": {"prepared": str(out)}, "model": {"max_positions": 64},
+                               "train": {"max_epochs": 1}})
+    data = prepare_data(cfg, tmp_path / "run")
+    assert "training the tokenizer" not in caplog.text and "encoding" not in caplog.text
+    assert data.data_config.source == "files" and data.data_config.vocab_size == 350 == data.vocab_size
+    assert not (tmp_path / "unused-cache").exists() and not (tmp_path / "run" / "cache").exists()
+    # corruption: a truncated Arrow file, a missing manifest (an interrupted or foreign directory)
+    arrow = next((out / "train").glob("*.arrow"))
+    blob = arrow.read_bytes()
+    arrow.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(UserError, match=r"incomplete or corrupt \(train/.*arrow has \d+ bytes"):
+        prepare_data(cfg, tmp_path / "run")
+    arrow.write_bytes(blob)
+    (out / "manifest.json").unlink()
+    with pytest.raises(UserError, match="incomplete or corrupt .*no manifest.json"):
+        prepare_data(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match="not empty"):
+        data_main(["prepare", str(config), "--out", str(out)])
+
+
+def test_parallel_encoding_gives_the_same_rows(tmp_path):
+    corpus = write_corpus(tmp_path, n_train=4200)
+    one = prepare_data(files_run_config(corpus, tmp_path / "c1"), None)
+    two = prepare_data(files_run_config(corpus, tmp_path / "c2", "data.num_proc=2"), None)
+    assert len(list((two.directory / "train").glob("*.arrow"))) == 2
+    everything = range(len(one.splits["train"]))
+    for k, v in one.batch("train", everything).items():
+        w = two.batch("train", everything)[k]
+        assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+
+
+def test_data_scale_benchmark_numbers_every_repeated_pair(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import data_scale
+
+    (tmp_path / "a.de").write_text("".join(s + "\n" for s, _ in TYPED[:2]))
+    (tmp_path / "a.en").write_text("".join(t + "\n" for _, t in TYPED[:2]))
+    (tmp_path / "out").mkdir()
+    src, tgt = data_scale.write_corpus(tmp_path / "a.de", tmp_path / "a.en", tmp_path / "out", 5)
+    de, en = src.read_text().splitlines(), tgt.read_text().splitlines()
+    assert len(de) == len(en) == 5 and len(set(de)) == 5
+    assert de[4] == f"4 {TYPED[0][0]}" and en[3] == f"3 {TYPED[1][1]}"

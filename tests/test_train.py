@@ -32,11 +32,22 @@ def cli(*args, env=None, cwd=REPO):
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
 
 
+def prepare(out_dir, *overrides) -> str:
+    """`transformer-ln data prepare` of the tiny corpus; returns the override that makes a run read it."""
+    from transformer_ln.data.cli import main as data_main
+
+    config = Path(out_dir).with_suffix(".yaml")
+    tiny_run_config(Path(out_dir).with_suffix(".unused"), *overrides).save(config)
+    assert data_main(["prepare", str(config), "--out", str(out_dir)]) == 0
+    return f"data.prepared={out_dir}"
+
+
 def test_resume_is_bit_exact(tmp_path):
-    whole = train(tmp_path / "a", "train.max_updates=6")
-    first = train(tmp_path / "b", "train.max_updates=3")
+    whole = train(tmp_path / "a", "train.max_updates=6")  # the run's own cache
+    prepared = prepare(tmp_path / "prepared")  # the resumed run reads a prepared directory: the same data
+    first = train(tmp_path / "b", "train.max_updates=3", prepared)
     assert first["updates"] == 3
-    again = train(tmp_path / "b", "train.max_updates=6", resume=True)
+    again = train(tmp_path / "b", "train.max_updates=6", prepared, resume=True)
     assert whole["status"] == again["status"] == "completed" and again["updates"] == 6
     a = load_file(str(update_checkpoints(tmp_path / "a")[-1] / "model.safetensors"))
     b = load_file(str(update_checkpoints(tmp_path / "b")[-1] / "model.safetensors"))
@@ -79,7 +90,7 @@ def test_two_processes_match_one_process_with_double_update_freq(tmp_path):
     one = train(tmp_path / "one", *common, "train.update_freq=2")
     assert one["status"] == "completed"
     config = tmp_path / "tiny.yaml"
-    tiny_run_config(tmp_path / "two", *common).save(config)
+    tiny_run_config(tmp_path / "two", *common, prepare(tmp_path / "prepared", *common)).save(config)  # both ranks
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "-m", "transformer_ln.train", str(config), "train.update_freq=1", "--cpu"],
@@ -95,7 +106,9 @@ def test_two_processes_match_one_process_with_double_update_freq(tmp_path):
 
 
 def test_translate_evaluate_and_average_end_to_end(tmp_path):
-    train(tmp_path, "train.max_updates=4", "train.save_every=1", "train.keep_last=3")
+    prepared = prepare(tmp_path.with_name(tmp_path.name + "-prepared"))
+    train(tmp_path, "train.max_updates=4", "train.save_every=1", "train.keep_last=3", prepared)
+    assert not (tmp_path / "cache").exists()  # evaluation below reads the prepared directory's text too
     avg = average_checkpoints(tmp_path, 3)
     inputs = [load_file(str(p / "model.safetensors")) for p in update_checkpoints(tmp_path)[-3:]]
     out = load_file(str(avg / "model.safetensors"))
@@ -110,6 +123,8 @@ def test_translate_evaluate_and_average_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr
     scores = json.loads((tmp_path / "eval_test.json").read_text())
     assert scores["n"] == 20 and 0.0 <= scores["bleu"] <= 100.0 and "nrefs:1" in scores["bleu_signature"]
+    res = cli("analyze", "dependency", "--run", str(tmp_path), "--seq-len", "8", "--out", str(tmp_path / "an"))
+    assert res.returncode == 0 and (tmp_path / "an").is_dir(), res.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

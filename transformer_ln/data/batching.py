@@ -25,22 +25,32 @@ def token_cost(src_lens: np.ndarray, tgt_lens: np.ndarray) -> np.ndarray:
     return np.maximum(src_lens, tgt_lens + 1)
 
 
+_CHUNK = 1 << 16
+
+
 def pack_batches(order: np.ndarray, cost: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     """Cut ``order`` into consecutive batches with ``n_sentences * max(cost) <= max_tokens``.
 
     An example whose cost alone exceeds ``max_tokens`` becomes a batch of one: never dropped silently.
     """
     batches, start, longest = [], 0, 0
-    for pos, i in enumerate(order.tolist()):
-        c = int(cost[i])
-        new_longest = max(longest, c)
-        if pos > start and (pos - start + 1) * new_longest > max_tokens:
-            batches.append(order[start:pos])
-            start, new_longest = pos, c
-        longest = new_longest
+    sorted_cost = cost[order]
+    for offset in range(0, len(order), _CHUNK):  # Python ints a chunk at a time: memory stays flat in corpus size
+        for pos, c in enumerate(sorted_cost[offset:offset + _CHUNK].tolist(), offset):
+            new_longest = max(longest, c)
+            if pos > start and (pos - start + 1) * new_longest > max_tokens:
+                batches.append(order[start:pos])
+                start, new_longest = pos, c
+            longest = new_longest
     if start < len(order):
         batches.append(order[start:])
     return batches
+
+
+def _int_array(values) -> np.ndarray:
+    """Integer lengths as given (int32 views of a prepared split stay views), anything else as int64."""
+    arr = np.asarray(values)
+    return arr if arr.dtype.kind in "iu" else np.asarray(values, dtype=np.int64)
 
 
 class TokenBatchSampler:
@@ -58,8 +68,7 @@ class TokenBatchSampler:
 
     def __init__(self, src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int, seed: int,
                  shuffle: bool = True, num_shards: int = 1, shard_id: int = 0, even: bool = False) -> None:
-        self.src_lens = np.asarray(src_lens, dtype=np.int64)
-        self.tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
+        self.src_lens, self.tgt_lens = _int_array(src_lens), _int_array(tgt_lens)
         if self.src_lens.shape != self.tgt_lens.shape or self.src_lens.ndim != 1:
             raise ValueError(f"src_lens and tgt_lens must be 1-D and equally long, got {len(self.src_lens)} "
                              f"and {len(self.tgt_lens)}")

@@ -45,6 +45,7 @@ TOKENIZER_FILE = "tokenizer.json"
 EVAL_TEXT_SPLITS = ("valid", "test")
 # DataConfig fields that say where data lives or how fast to build it, not what it is
 NOT_IN_KEY = ("cache_dir", "prepared", "num_proc")
+ENCODE_BATCH = 1000
 IDS = {"src_ids": ListOf(Value("int32")), "tgt_ids": ListOf(Value("int32"))}
 
 
@@ -118,6 +119,7 @@ def build_prepared(data_cfg: DataConfig, out: Path, num_proc: int = 1, progress:
     was_enabled = datasets.is_progress_bar_enabled()
     (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
     t0 = time.time()
+    saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
     try:
         # the text's own Arrow cache lives in the temporary directory and goes with it (hub downloads excepted)
         raw_cache = None if data_cfg.source == "hub" else tmp / "raw"
@@ -135,10 +137,16 @@ def build_prepared(data_cfg: DataConfig, out: Path, num_proc: int = 1, progress:
             keep_text = split in EVAL_TEXT_SPLITS
             feats = Features({**({"src": Value("string"), "tgt": Value("string")} if keep_text else {}), **IDS})
             (tmp / split).mkdir()
-            enc = ds.map(_encoder(tokenizer, keep_text), batched=True, batch_size=2000, remove_columns=ds.column_names,
-                         features=feats, num_proc=num_proc if len(ds) >= 4 * 2000 * num_proc else None,
+            parallel = num_proc > 1 and len(ds) >= 2 * ENCODE_BATCH * num_proc  # worth forking for
+            if parallel:  # the workers encode single-threaded: no fork warning from tokenizers, no oversubscription
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            enc = ds.map(_encoder(tokenizer, keep_text), batched=True, batch_size=ENCODE_BATCH,
+                         remove_columns=ds.column_names, features=feats, num_proc=num_proc if parallel else None,
                          cache_file_name=str(tmp / split / "data.arrow"), load_from_cache_file=False,
                          new_fingerprint=f"{manifest['key']}-{split}", desc=f"Encoding {split}")
+            if parallel:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None) if saved_env is None else \
+                    os.environ.__setitem__("TOKENIZERS_PARALLELISM", saved_env)
             report_empty(split, len(ds) - len(enc), len(enc), origin[split])
             lens = _lengths_from_arrow(enc)
             np.save(tmp / split / "lengths.npy", lens)
@@ -219,21 +227,30 @@ class EncodedSplit:
 
     def __init__(self, ds: Dataset, lens: np.ndarray, max_positions: int):
         keep = (lens[:, 0] <= max_positions) & (lens[:, 1] + 1 <= max_positions)
-        self.rows = np.flatnonzero(keep)
-        self.n_filtered = int(len(lens) - len(self.rows))
-        self.src_lens = lens[self.rows, 0].astype(np.int64)
-        self.tgt_lens = lens[self.rows, 1].astype(np.int64)
+        if keep.all():  # the usual case: positions are rows, and the lengths stay views (no copy per pair)
+            self.rows, self.src_lens, self.tgt_lens = None, lens[:, 0], lens[:, 1]
+        else:
+            self.rows = np.flatnonzero(keep)
+            self.src_lens, self.tgt_lens = lens[self.rows, 0], lens[self.rows, 1]
+        del keep
+        self.n_filtered = int(len(lens) - len(self.src_lens))
         self._ids = ds.with_format("arrow", columns=["src_ids", "tgt_ids"])
         self.dataset = ds
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.src_lens)
+
+    def row_of(self, positions) -> np.ndarray:
+        """Corpus rows (indices into ``PreparedData.text``) of kept positions."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return positions if self.rows is None else self.rows[positions]
 
     def batch(self, positions) -> dict:
         """``collate``'s tensors for the kept rows at ``positions``: src, tgt_in (``<s>`` + tgt[:-1]), tgt_out."""
         positions = np.asarray(positions, dtype=np.int64)
-        table = self._ids[self.rows[positions].tolist()]
-        src_lens, tgt_lens = self.src_lens[positions], self.tgt_lens[positions]
+        table = self._ids[self.row_of(positions).tolist()]
+        src_lens = self.src_lens[positions].astype(np.int64)
+        tgt_lens = self.tgt_lens[positions].astype(np.int64)
         src = _pad(table.column("src_ids"), src_lens)
         tgt_out = _pad(table.column("tgt_ids"), tgt_lens)
         shifted = np.concatenate([np.full((len(positions), 1), BOS, np.int64), tgt_out[:, :-1]], axis=1)
