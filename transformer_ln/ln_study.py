@@ -223,15 +223,12 @@ def valid_nll_two_ways(run_dir: str | Path, max_tokens: Optional[int] = None) ->
     import torch
 
     from .checkpoint import load_model
-    from .data import TokenBatchSampler, collate
     from .data.prepare import prepare_data
     from .train import compute_loss
 
     run_dir = Path(run_dir)
     model, cfg = load_model(run_dir, "best")
     data = prepare_data(cfg, run_dir)
-    cols = data.datasets["valid"][:]
-    src, tgt = cols["src_ids"], cols["tgt_ids"]
     tokens = max_tokens or cfg.train.max_tokens
     out = {}
     for mode in ("running", "batch"):
@@ -241,10 +238,10 @@ def valid_nll_two_ways(run_dir: str | Path, max_tokens: Optional[int] = None) ->
                 if _has_running_stats(m):
                     m.train()
         total = count = 0.0
-        sampler = TokenBatchSampler([len(s) for s in src], [len(t) for t in tgt], tokens, seed=0, shuffle=False)
+        sampler = data.sampler("valid", tokens, seed=0, shuffle=False)
         with torch.no_grad():
             for ix in sampler:
-                b = collate([{"src_ids": src[i], "tgt_ids": tgt[i]} for i in ix])
+                b = data.batch("valid", ix)
                 _, nll = compute_loss(model, b, 0.0, cfg.model.pad_id)
                 total, count = total + float(nll), count + float(b["ntokens"])
         out[mode] = total / count / math.log(2)

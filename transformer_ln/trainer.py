@@ -134,22 +134,20 @@ class Trainer:
         cfg, acc, resume = self.cfg, self.accelerator, self.resume
         set_seed(cfg.train.seed)
 
-        from .data import TokenBatchSampler, prepare_data
-        self.data = prepare_data(cfg, self.run_dir, acc)
+        from .data import prepare_data
+        self.data = prepare_data(cfg, self.run_dir, acc, progress=not self.quiet)  # memory-mapped prepared data
         vocab = self.data.tokenizer.get_vocab_size()
         mcfg = cfg.model.to_dict()
         mcfg.update(src_vocab_size=vocab, tgt_vocab_size=vocab)
-        self.cfg = cfg = RunConfig.from_dict({**cfg.to_dict(), "model": mcfg})
+        self.cfg = cfg = RunConfig.from_dict({**cfg.to_dict(), "model": mcfg,
+                                              "data": self.data.data_config.to_dict()})
 
         self.model = Seq2SeqTransformer(cfg.model)
         self.pad_id = cfg.model.pad_id
-        train_cols = self.data.datasets["train"][:]  # plain lists: indexing an Arrow column per example is slow
-        self.train_src, self.train_tgt = train_cols["src_ids"], train_cols["tgt_ids"]
-        if not self.train_src:
+        if not len(self.data.splits["train"]):
             raise UserError("the training split is empty after filtering; check the data paths and "
                             "model.max_positions")
-        self.sampler = TokenBatchSampler([len(s) for s in self.train_src], [len(t) for t in self.train_tgt],
-                                         cfg.train.max_tokens, seed=cfg.train.seed, shuffle=True,
+        self.sampler = self.data.sampler("train", cfg.train.max_tokens, seed=cfg.train.seed, shuffle=True,
                                          num_shards=acc.num_processes, shard_id=acc.process_index)
         self._epoch_batches: tuple[int, list] = (-1, [])
         self.state = State()
@@ -293,10 +291,7 @@ class Trainer:
 
         Every process builds the same batch from the same seed, so every process ends with the same omega.
         """
-        from .data import TokenBatchSampler
-
-        whole = TokenBatchSampler([len(s) for s in self.train_src], [len(t) for t in self.train_tgt],
-                                  self.cfg.train.max_tokens, seed=self.cfg.train.seed, shuffle=True)
+        whole = self.data.sampler("train", self.cfg.train.max_tokens, seed=self.cfg.train.seed, shuffle=True)
         whole.set_epoch(1)
         batch = self._collate(next(iter(whole)))
         profile = get_scheme(self.cfg.model.residual).calibrate(self.model, batch["src"], batch["tgt_in"],
@@ -329,11 +324,10 @@ class Trainer:
                 if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _collate(self, ix) -> dict | None:
-        from .data import collate
-
+        """The training batch at positions ``ix``, gathered from the memory-mapped split, on the device."""
         if ix is None:
             return None
-        return self._to_device(collate([{"src_ids": self.train_src[i], "tgt_ids": self.train_tgt[i]} for i in ix]))
+        return self._to_device(self.data.batch("train", ix))
 
     def _batches_of_epoch(self, epoch: int) -> list[list[int] | None]:
         """This process's batches for the epoch, padded with ``None`` so every process has the same count."""
@@ -476,22 +470,16 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict | None:
         """Validation loss, nll and perplexity over the whole valid split (sharded over processes)."""
-        from .data import TokenBatchSampler, collate
-
-        ds = self.data.datasets.get("valid")
-        if ds is None or len(ds) == 0:
+        if not len(self.data.splits.get("valid") or ()):
             return None
         acc, st = self.accelerator, self.state
         st.last_valid_update = st.update
-        cols = ds[:]
-        src, tgt = cols["src_ids"], cols["tgt_ids"]
-        sampler = TokenBatchSampler([len(s) for s in src], [len(t) for t in tgt], self.cfg.train.max_tokens,
-                                    seed=0, shuffle=False, num_shards=acc.num_processes,
-                                    shard_id=acc.process_index)
+        sampler = self.data.sampler("valid", self.cfg.train.max_tokens, seed=0, shuffle=False,
+                                    num_shards=acc.num_processes, shard_id=acc.process_index)
         self.raw_model.eval()
         sums = torch.zeros(3, device=acc.device)
         for ix in sampler:
-            b = self._to_device(collate([{"src_ids": src[i], "tgt_ids": tgt[i]} for i in ix]))
+            b = self._to_device(self.data.batch("valid", ix))
             with acc.autocast():
                 loss, nll = upd.compute_loss(self.raw_model, b, self.cfg.optim.label_smoothing, self.pad_id)
             sums += torch.stack([loss.float(), nll.float(), torch.tensor(float(b["ntokens"]), device=acc.device)])

@@ -19,8 +19,8 @@ from .tokenizer import BOS, PAD
 def token_cost(src_lens: np.ndarray, tgt_lens: np.ndarray) -> np.ndarray:
     """Positions one example occupies in a padded batch: ``max(src_len, tgt_len + 1)``.
 
-    The +1 matches the ``max_positions`` filter in ``encode_pairs`` (room for the decoder's ``<s>``), so the budget
-    is a safe upper bound of the real ``(B, S)`` and ``(B, T)`` tensors.
+    The +1 matches the ``max_positions`` filter of ``store.EncodedSplit`` (room for the decoder's ``<s>``), so the
+    budget is a safe upper bound of the real ``(B, S)`` and ``(B, T)`` tensors.
     """
     return np.maximum(src_lens, tgt_lens + 1)
 

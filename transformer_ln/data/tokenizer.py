@@ -2,7 +2,7 @@
 
 One vocabulary for both languages allows shared embeddings. The special tokens have fixed ids (``<pad>``=0, ``<s>``=1,
 ``</s>``=2, ``<unk>``=3) that the model config and the batching rely on. The tokenizer adds no special tokens itself;
-``encode_pairs`` appends ``</s>`` and ``collate`` prepends ``<s>``.
+the encoder (``store.py``) appends ``</s>`` and ``collate`` prepends ``<s>``.
 """
 from __future__ import annotations
 
