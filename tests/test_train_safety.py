@@ -89,17 +89,16 @@ def copy_of(run, tmp_path) -> Path:
 
 def valid_loss_of(run_dir, which) -> float:
     """The valid loss (bits) of a kept checkpoint, measured here from the files alone."""
-    from transformer_ln.data import TokenBatchSampler, collate, prepare_data
+    from transformer_ln.data import prepare_data
     from transformer_ln.update import compute_loss
 
     model, cfg = load_model(run_dir, which)
-    ds = prepare_data(cfg, run_dir).datasets["valid"][:]
+    data = prepare_data(cfg, run_dir)
     total = tokens = 0.0
-    sampler = TokenBatchSampler([len(s) for s in ds["src_ids"]], [len(t) for t in ds["tgt_ids"]], 600, 0,
-                                shuffle=False)
+    sampler = data.sampler("valid", 600, 0, shuffle=False)
     with torch.no_grad():
         for ix in sampler:
-            b = collate([{"src_ids": ds["src_ids"][i], "tgt_ids": ds["tgt_ids"][i]} for i in ix])
+            b = data.batch("valid", ix)
             loss, _ = compute_loss(model, b, cfg.optim.label_smoothing, cfg.model.pad_id)
             total, tokens = total + loss.item(), tokens + b["ntokens"]
     return total / tokens / math.log(2)

@@ -84,6 +84,14 @@ def stop_reason(st: State, t) -> Optional[str]:
     return None
 
 
+# Measured with accelerate 1.16 / torch 2.13 on 2 CPU processes (gloo); see the README's "FSDP" paragraph.
+FSDP_UNSUPPORTED = (
+    "this run was launched with FSDP (`accelerate launch --use_fsdp` or ACCELERATE_USE_FSDP=true), which the trainer "
+    "does not support yet: its checkpoints, sharded validation and beam search assume every process holds the whole "
+    "model, and on a machine without GPUs accelerate cannot shard at all (it stops on sync_module_states, or trains "
+    "plain DDP). Launch with `accelerate launch --multi_gpu` (DDP) instead.")
+
+
 class Trainer:
     """Owns the accelerator, model, optimizer, data and the loop; ``run()`` returns the summary dict."""
 
@@ -108,6 +116,8 @@ class Trainer:
             except ImportError:
                 print("warning: train.tensorboard=true but tensorboard is not installed; logging to "
                       "metrics.jsonl only", file=sys.stderr)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise UserError(FSDP_UNSUPPORTED)
         exit_when_launcher_dies()
         self.accelerator = acc = Accelerator(cpu=cpu, mixed_precision=mp, log_with=log_with,
                                              project_dir=str(self.run_dir), step_scheduler_with_optimizer=False)

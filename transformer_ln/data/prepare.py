@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..rundir import RunDir
 from .batching import TokenBatchSampler
 from .store import EncodedSplit, PreparedStore, build_prepared, cache_key, data_settings
+from .tokenizer import load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,10 @@ def prepare_data(cfg: RunConfig, run_dir: Path | None, accelerator=None, progres
         if run_dir is not None:
             tok_path = RunDir(run_dir).tokenizer
             if tok_path.is_file():
-                if tok_path.read_text() != store.tokenizer.to_str() and \
-                        Tokenizer.from_file(str(tok_path)).to_str() != store.tokenizer.to_str():
+                if load_tokenizer(tok_path).to_str() != store.tokenizer.to_str():
                     raise UserError(f"{tok_path} differs from the tokenizer of the prepared data in {loc}: the "
                                     f"run was started on other data; resume it with its original data settings")
             elif is_main:
-                from .tokenizer import save_tokenizer
                 save_tokenizer(store.tokenizer, tok_path)
     for split, n in store.splits.items():
         if n.n_filtered and is_main:
