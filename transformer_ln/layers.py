@@ -43,6 +43,7 @@ class _Attention(nn.Module):
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.attn_dropout = attn_dropout
         self.inner_norm = nn.Identity()  # a norm before out_proj (Sub-LN's inner_attn_ln)
+        self.inner_width = d_model
         self.out_proj = nn.Linear(d_model, d_model)
 
     def in_projections(self) -> list[nn.Linear]:
@@ -174,7 +175,8 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(d_model, d_ff)
         self.act = acts[activation]()
         self.act_dropout = Dropout(act_dropout)
-        self.inner_norm = nn.Identity()
+        self.inner_norm = nn.Identity()  # a norm over the d_ff hidden units before fc2 (Sub-LN's ffn_layernorm)
+        self.inner_width = d_ff
         self.fc2 = nn.Linear(d_ff, d_model)
 
     def projection_blocks(self) -> dict[str, torch.Tensor]:

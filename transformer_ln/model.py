@@ -40,9 +40,9 @@ def _sites(stack: str, kinds: tuple[str, ...], layer_index: int, d_model: int, n
 
 
 class _Layer(nn.Module):
-    def _finish(self, scheme: ResidualScheme) -> None:
+    def _finish(self, scheme: ResidualScheme, init: bool) -> None:
         self.batch_stats = uses_batch_statistics(self)
-        if scheme.custom_init:  # a standalone layer starts as its scheme says (a model re-initialises as a whole)
+        if init and scheme.custom_init:  # a standalone layer starts as its scheme says
             init_weights(self)
 
 
@@ -52,19 +52,21 @@ class EncoderLayer(_Layer):
     ``residual`` is a scheme name or a built ``ResidualScheme``; further keyword arguments are the scheme's options
     (``norm="rmsnorm"``, Admin's ``admin_omega="O(logn)"``). ``depths`` = (encoder layers, decoder layers) of the
     model the layer belongs to and ``layer_index`` its place (depth-dependent schemes read them); ``n_sublayers``
-    overrides the stack's sub-layer count (Admin's n). Left as None, the layer counts only its own two.
+    overrides the stack's sub-layer count (Admin's n). Left as None, the layer counts only its own two. With
+    ``init`` a scheme with its own initialisation (DeepNorm, Sub-LN, T-Fixup) applies it on construction; the model
+    passes False and initialises as a whole.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, attn_dropout: float = 0.0,
                  act_dropout: float = 0.0, activation: str = "relu", residual: str | ResidualScheme = "post_ln",
                  n_sublayers: int | None = None, *, layer_index: int = 0, depths: tuple[int, int] | None = None,
-                 **scheme_options):
+                 init: bool = True, **scheme_options):
         super().__init__()
         scheme = _scheme(residual, scheme_options)
         s_attn, s_ffn = _sites("encoder", ("self_attn", "ffn"), layer_index, d_model, n_sublayers, depths)
         self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout), s_attn, dropout)
         self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation), s_ffn, dropout)
-        self._finish(scheme)
+        self._finish(scheme, init)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,7 +89,7 @@ class DecoderLayer(_Layer):
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, attn_dropout: float = 0.0,
                  act_dropout: float = 0.0, activation: str = "relu", residual: str | ResidualScheme = "post_ln",
                  n_sublayers: int | None = None, *, layer_index: int = 0, depths: tuple[int, int] | None = None,
-                 **scheme_options):
+                 init: bool = True, **scheme_options):
         super().__init__()
         scheme = _scheme(residual, scheme_options)
         s_self, s_cross, s_ffn = _sites("decoder", ("self_attn", "cross_attn", "ffn"), layer_index, d_model,
@@ -95,7 +97,7 @@ class DecoderLayer(_Layer):
         self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout), s_self, dropout)
         self.cross_attn = scheme.build_sublayer(CrossAttention(d_model, n_heads, attn_dropout), s_cross, dropout)
         self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation), s_ffn, dropout)
-        self._finish(scheme)
+        self._finish(scheme, init)
 
     def forward(self, y: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
                 cache: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,7 +113,7 @@ class DecoderLayer(_Layer):
 def _layer_kwargs(cfg: ModelConfig, scheme: ResidualScheme) -> dict:
     return dict(d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff, dropout=cfg.dropout,
                 attn_dropout=cfg.attn_dropout, act_dropout=cfg.act_dropout, activation=cfg.activation,
-                residual=scheme, depths=(cfg.n_enc_layers, cfg.n_dec_layers))
+                residual=scheme, depths=(cfg.n_enc_layers, cfg.n_dec_layers), init=False)
 
 
 class Encoder(nn.Module):

@@ -6,6 +6,13 @@ layers; LN stands for the norm ``model.norm`` picks)::
     post_ln        x_i = LN(x_{i-1} + a_i)                                    no final norm
     pre_ln         x_i = x_{i-1} + Dropout(f_i(LN(x_{i-1})))                  final norm per stack
     admin          x_i = LN(omega_i * x_{i-1} + a_i)                          (``transformer_ln.admin``)
+    deepnorm       x_i = LN(alpha * x_{i-1} + a_i), beta-scaled init          no final norm
+    subln          x_i = x_{i-1} + Dropout(f'_i(LN(x_{i-1}))), f' with inner norms, gamma-scaled init; final norm
+    rezero         x_i = x_{i-1} + alpha_i * a_i, alpha_i = 0 at init         no norm at all
+    rezero_postln  x_i = LN(x_{i-1} + alpha_i * a_i)                          no final norm
+    sandwich       x_i = x_{i-1} + Dropout(LN_out(f_i(LN_in(x_{i-1}))))       final norm per stack
+    tfixup         x_i = x_{i-1} + a_i, depth-scaled init                     no norm at all
+    resi_dual      p_i = LN(p_{i-1} + a_i), d_i = d_{i-1} + a_i, a_i from p   output p_N + LN(d_N)
 
 Each scheme is a ``ResidualScheme`` (``transformer_ln.sublayer``): class attributes place the norms, ``residual``
 picks the shortcut combiner, ``init_sublayer``/``init_model``/``calibrate`` are its initialisation. Its formula, paper
@@ -14,13 +21,18 @@ plots, analysis, sweeps and benchmarks read the registry (label and colour live 
 """
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
 
 from .admin import Admin, OmegaResidual, calculate_init
+from .norms import apply_norm
 from .sublayer import DualSublayer, Residual, ResidualScheme, Site, Sublayer
 
-__all__ = ["SCHEMES", "get_scheme", "scheme_from_config", "ResidualScheme", "Residual", "OmegaResidual",
-           "Sublayer", "DualSublayer", "Site", "calculate_init", "PostLN", "PreLN", "Admin"]
+__all__ = ["SCHEMES", "get_scheme", "scheme_from_config", "deepnorm_constants", "ResidualScheme", "Residual",
+           "OmegaResidual", "ScaledResidual", "GatedResidual", "Sublayer", "DualSublayer", "Site", "calculate_init",
+           "PostLN", "PreLN", "Admin", "DeepNorm", "SubLN", "ReZero", "ReZeroPostLN", "Sandwich", "TFixup", "ResiDual"]
 
 
 class PostLN(ResidualScheme):
@@ -35,7 +47,227 @@ class PreLN(ResidualScheme):
     pre_norm, post_norm, final_norm = True, False, True
 
 
-SCHEMES: dict[str, type[ResidualScheme]] = {cls.name: cls for cls in (PostLN, PreLN, Admin)}
+# ---------------------------------------------------------------------------------------------------------------
+# the schemes after Admin (``../shared/reference/variants.md``; N encoder layers, M decoder layers)
+
+
+def deepnorm_constants(n_enc_layers: int, n_dec_layers: int) -> dict[str, tuple[float, float]]:
+    """DeepNorm's ``{"encoder": (alpha, beta), "decoder": (alpha, beta)}`` for an N-layer/M-layer encoder-decoder.
+
+    Wang et al. 2022, Table 1: encoder alpha = 0.81 (N^4 M)^(1/16), beta = 0.87 (N^4 M)^(-1/16); decoder
+    alpha = (3M)^(1/4), beta = (12M)^(-1/4).
+    """
+    for name, v in (("n_enc_layers", n_enc_layers), ("n_dec_layers", n_dec_layers)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: got {v!r}, must be an integer >= 1")
+    nm = n_enc_layers ** 4 * n_dec_layers
+    return {"encoder": (0.81 * nm ** (1 / 16), 0.87 * nm ** (-1 / 16)),
+            "decoder": ((3 * n_dec_layers) ** 0.25, (12 * n_dec_layers) ** -0.25)}
+
+
+class ScaledResidual(Residual):
+    """``alpha * x + f_x`` with a constant alpha (DeepNorm's up-weighted shortcut)."""
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = float(alpha)
+
+    def scales(self):
+        return self.alpha, None
+
+    def forward(self, x: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
+        return torch.add(f_x, x, alpha=self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:.4f}"
+
+
+class GatedResidual(Residual):
+    """``x + alpha * f_x`` with one learnable scalar alpha starting at ``init_value`` (ReZero: 0, the identity)."""
+
+    def __init__(self, init_value: float = 0.0):
+        super().__init__()
+        self.init_value = float(init_value)
+        self.alpha = nn.Parameter(torch.full((1,), self.init_value))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(self.init_value)
+
+    def scales(self):
+        return None, self.alpha
+
+    def forward(self, x: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x, f_x, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"init_value={self.init_value}"
+
+
+def _blocks(sub: Sublayer) -> dict[str, torch.Tensor]:
+    """The branch's weight blocks that depth-scaled inits touch: q, k, v, out (attention) or fc1, fc2 (FFN)."""
+    return sub.branch.projection_blocks() if hasattr(sub.branch, "projection_blocks") else {}
+
+
+class DeepNorm(ResidualScheme):
+    """DeepNorm (Wang et al. 2022, "DeepNet: Scaling Transformers to 1,000 Layers", arXiv 2203.00555; torchscale).
+
+        x_i = LN(alpha * x_{i-1} + a_i)       no final norm; (alpha, beta) = ``deepnorm_constants(N, M)[stack]``
+
+    alpha multiplies the shortcut, never the branch. Init: xavier-normal with gain beta on the v and out_proj
+    blocks of every attention and on fc1, fc2; gain 1 on the q and k blocks (each block of the packed QKV
+    initialised on its own, the matmul stays packed); biases 0.
+    """
+
+    name, label, color = "deepnorm", "DeepNorm", "tab:purple"
+    custom_init = True
+
+    def _constants(self, site: Site) -> tuple[float, float]:
+        return deepnorm_constants(site.n_enc_layers, site.n_dec_layers)[site.stack]
+
+    def residual(self, site: Site) -> ScaledResidual:
+        return ScaledResidual(self._constants(site)[0])
+
+    def init_sublayer(self, sub: Sublayer) -> None:
+        beta = self._constants(sub.site)[1]
+        for name, w in _blocks(sub).items():
+            nn.init.xavier_normal_(w, gain=1.0 if name in ("q", "k") else beta)
+
+
+class SubLN(ResidualScheme):
+    """Sub-LN (Magneto: Wang et al. 2022, "Foundation Transformers", arXiv 2210.06423; torchscale's ``subln``).
+
+        x_i = x_{i-1} + Dropout(f'_i(LN(x_{i-1})))       final norm per stack
+
+    f' has one more norm inside: before the attention's out_proj (self-attention only, as torchscale's
+    ``inner_attn_ln``, over d_model) and before fc2 (``ffn_layernorm``, over the d_ff hidden units). Init: the default, then the v, out_proj, fc1 and fc2
+    weights times gamma, encoder sqrt(ln(3M) ln(2N) / 3), decoder sqrt(ln(3M)); the decoder's cross-attention keeps
+    its default (torchscale skips ``encoder_attn``).
+    """
+
+    name, label, color = "subln", "Sub-LN", "tab:brown"
+    pre_norm, post_norm, final_norm = True, False, True
+    custom_init = True
+
+    def build_sublayer(self, branch: nn.Module, site: Site, dropout: float = 0.0) -> Sublayer:
+        if site.kind != "cross_attn":
+            branch.inner_norm = self.make_norm(branch.inner_width)
+        return super().build_sublayer(branch, site, dropout)
+
+    @staticmethod
+    def gamma(site: Site) -> float:
+        n, m = site.n_enc_layers, site.n_dec_layers
+        if site.stack == "encoder":
+            return math.sqrt(math.log(3 * m) * math.log(2 * n) / 3)
+        return math.sqrt(math.log(3 * m))
+
+    def init_sublayer(self, sub: Sublayer) -> None:
+        if sub.site.kind == "cross_attn":
+            return
+        gamma = self.gamma(sub.site)
+        for name, w in _blocks(sub).items():
+            if name in ("v", "out", "fc1", "fc2"):
+                w.mul_(gamma)
+
+
+class ReZero(ResidualScheme):
+    """ReZero (Bachlechner et al. 2020, "ReZero is All You Need", arXiv 2003.04887).
+
+        x_i = x_{i-1} + alpha_i * a_i,   alpha_i a learnable scalar starting at 0;  no norm anywhere
+
+    One alpha per sub-layer (the paper's one per residual connection; Transformer-Clinic shares one per layer), so at
+    initialisation every layer is exactly the identity map. Default init otherwise.
+    """
+
+    name, label, color = "rezero", "ReZero", "tab:olive"
+    post_norm, has_norms = False, False
+
+    def residual(self, site: Site) -> GatedResidual:
+        return GatedResidual(0.0)
+
+
+class ReZeroPostLN(ReZero):
+    """ReZero with Post-LN's norm (Transformer-Clinic's ``rezero_postln``): x_i = LN(x_{i-1} + alpha_i * a_i),
+    alpha_i = 0 at init; no final norm."""
+
+    name, label, color = "rezero_postln", "ReZero+Post-LN", "tab:pink"
+    post_norm, has_norms = True, True
+
+
+class Sandwich(ResidualScheme):
+    """Sandwich-LN (Ding et al. 2021, CogView, arXiv 2105.13290), a.k.a. Peri-LN (Kim et al. 2025, arXiv 2502.02732).
+
+        x_i = x_{i-1} + Dropout(LN_out(f_i(LN_in(x_{i-1}))))       final norm per stack; default init
+
+    Dropout comes after LN_out, so the residual hook's branch term is exactly what is added to the stream.
+    """
+
+    name, label, color = "sandwich", "Sandwich (Peri-LN)", "tab:cyan"
+    pre_norm, branch_norm, post_norm, final_norm = True, True, False, True
+
+
+class TFixup(ResidualScheme):
+    """T-Fixup (Huang et al. ICML 2020, "Improving Transformer Optimization Through Better Initialization";
+    layer6ai-labs/T-Fixup).
+
+        x_i = x_{i-1} + a_i        no norm anywhere, meant to train without warmup
+
+    Init (applied on construction, after the default xavier with embeddings N(0, d^-1/2)): encoder fc1, fc2 and
+    out_proj x 0.67 N^(-1/4), v x 0.67 N^(-1/4) sqrt(2) (the sqrt(2) undoes the default 1/sqrt(2) v gain); decoder
+    fc1, fc2 and both out_proj x (9M)^(-1/4), both v x (9M)^(-1/4) sqrt(2); the encoder token embedding x (9N)^(-1/4)
+    and the decoder's x (9M)^(-1/4) when it is a separate matrix.
+    """
+
+    name, label, color = "tfixup", "T-Fixup", "tab:gray"
+    post_norm, has_norms, custom_init = False, False, True
+
+    @staticmethod
+    def scale(site: Site) -> float:
+        if site.stack == "encoder":
+            return 0.67 * site.n_enc_layers ** -0.25
+        return (9 * site.n_dec_layers) ** -0.25
+
+    def init_sublayer(self, sub: Sublayer) -> None:
+        s = self.scale(sub.site)
+        for name, w in _blocks(sub).items():
+            if name in ("out", "fc1", "fc2"):
+                w.mul_(s)
+            elif name == "v":
+                w.mul_(s * math.sqrt(2))
+
+    def init_model(self, model: nn.Module) -> None:
+        if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
+            return
+        enc, dec = model.encoder.embed.embed_tokens, model.decoder.embed.embed_tokens
+        enc.weight.mul_((9 * len(model.encoder.layers)) ** -0.25)
+        if dec is not enc:
+            dec.weight.mul_((9 * len(model.decoder.layers)) ** -0.25)
+
+
+class ResiDual(ResidualScheme):
+    """ResiDual (Xie et al. 2023, "ResiDual: Transformer with Dual Residual Connections", arXiv 2304.14802).
+
+        p_i = LN(p_{i-1} + a_i),  d_i = d_{i-1} + a_i,  a_i = Dropout(f_i(p_{i-1})),  p_0 = d_0 = x_0
+        stack output p_N + LN(d_N)
+
+    The Post-LN stream p and the accumulated branch sum d (Pre-LN's stream) travel as a ``(p, d)`` pair inside the
+    stack (``DualSublayer``); the analysis hooks see p's shortcut and branch. Default init.
+    """
+
+    name, label, color = "resi_dual", "ResiDual", "tab:orange"
+    final_norm = True
+    sublayer_class = DualSublayer
+
+    def begin(self, x0: torch.Tensor):
+        return x0, x0
+
+    def end(self, stream, final_norm: nn.Module, keep: torch.Tensor | None = None) -> torch.Tensor:
+        p, d = stream
+        return p + apply_norm(final_norm, d, keep)
+
+
+SCHEMES: dict[str, type[ResidualScheme]] = {
+    cls.name: cls for cls in (PostLN, PreLN, Admin, DeepNorm, SubLN, ReZero, ReZeroPostLN, Sandwich, TFixup, ResiDual)}
 
 
 def get_scheme(name: str, **options) -> ResidualScheme:
