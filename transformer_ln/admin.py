@@ -109,8 +109,9 @@ class Admin(ResidualScheme):
 
     def calibrate(self, model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: int = 0) -> dict | None:
         """Profiled omega (``admin_init``) when the model was built with ``admin_omega='profile'``."""
-        scheme = getattr(model, "scheme", self)
-        if getattr(scheme, "admin_omega", self.admin_omega) != "profile":
+        scheme, cfg = getattr(model, "scheme", None), getattr(model, "cfg", None)
+        omega = getattr(scheme, "admin_omega", getattr(cfg, "admin_omega", self.admin_omega))
+        if omega != "profile":  # the model's own choice, whichever instance of the scheme is asked
             return None
         return admin_init(model, src, tgt_in, seed=seed)
 
