@@ -7,9 +7,9 @@
                training, running averages at eval time (Ioffe and Szegedy 2015)
 
 ``BatchNorm.forward(x, keep)`` also takes ``keep`` (bool, x's leading shape, True at real tokens): its statistics must
-not count padding; ``apply_norm`` passes it to the norms that want it. ``decompose(parts, x)`` is the norm's linear part applied to a
-list of components whose sum is its input x: ``sum(decompose(parts, x)) + shift == norm(x)`` with a shift that does
-not depend on how x is split. The residual-dependency analysis uses it, so it needs no norm-name branches.
+not count padding; ``apply_norm`` passes it to the norms that want it. ``decompose(parts, x)`` is a norm's linear
+part applied to components whose sum is its input x: ``sum(decompose(parts, x)) + shift == norm(x)`` with a shift
+that does not depend on how x is split. The residual-dependency analysis uses it, so it needs no norm-name branches.
 """
 from __future__ import annotations
 

@@ -41,8 +41,10 @@ def save(fig, out: str | Path, dpi: int = 150) -> list[Path]:
 
 
 def plot_dependency(betas: Mapping[str, Mapping[str, np.ndarray]], out: str | Path,
-                    checkpoint: str = "init", dpi: int = 150) -> list[Path]:
-    """Heatmaps of beta_{i,j}: one column per scheme, one row per stack, one shared colour scale.
+                    checkpoint: str = "init", dpi: int = 150, columns: int = 5) -> list[Path]:
+    """Heatmaps of beta_{i,j}: one panel per scheme and stack, one shared colour scale.
+
+    Schemes fill rows of at most ``columns`` panels; each stack gets its own block of rows (encoder first).
 
     Args:
         betas: ``{scheme: {"encoder": (n, n+1), "decoder": (m, m+1)}}`` from ``residual_dependency``.
@@ -52,14 +54,17 @@ def plot_dependency(betas: Mapping[str, Mapping[str, np.ndarray]], out: str | Pa
     stacks = [s for s in ("encoder", "decoder") if any(s in betas[k] for k in schemes)]
     # the colour scale follows the branch columns (the paper does not draw x_0); larger x_0 values saturate
     vmax = max(float(np.max(betas[k][s][:, 1:])) for k in schemes for s in stacks if s in betas[k])
+    vmax = vmax if vmax > 0 else 1.0
     extend = "max" if any(float(np.max(betas[k][s])) > vmax for k in schemes for s in stacks if s in betas[k]) \
         else "neither"
-    fig = _figure(4.2 * len(schemes), 3.8 * len(stacks))
-    axes = np.atleast_2d(fig.subplots(len(stacks), len(schemes), squeeze=False))
+    cols = min(columns, len(schemes))
+    per_stack = math.ceil(len(schemes) / cols)
+    fig = _figure(4.2 * cols, 3.6 * per_stack * len(stacks))
+    axes = np.atleast_2d(fig.subplots(per_stack * len(stacks), cols, squeeze=False))
     image = None
-    for r, stack in enumerate(stacks):
-        for c, scheme in enumerate(schemes):
-            ax = axes[r, c]
+    for r0, stack in enumerate(stacks):
+        for k, scheme in enumerate(schemes):
+            ax = axes[r0 * per_stack + k // cols, k % cols]
             b = np.asarray(betas[scheme].get(stack, np.zeros((0, 1))), float)
             n = b.shape[0]
             shown = np.where(np.tri(n, n + 1, k=1, dtype=bool), b, np.nan)  # blank right of the diagonal
@@ -71,8 +76,10 @@ def plot_dependency(betas: Mapping[str, Mapping[str, np.ndarray]], out: str | Pa
             ax.set_xlabel("component j (stack input $x_0$, branch $a_j$)")
             ax.set_ylabel("sub-layer output $x_i$")
             ax.set_title(f"{scheme_label(scheme)} {stack} ({checkpoint})")
+        for k in range(len(schemes), per_stack * cols):  # empty cells of the last row
+            axes[r0 * per_stack + k // cols, k % cols].set_visible(False)
     if image is not None:
-        fig.colorbar(image, ax=axes, label=r"dependency $\beta_{i,j}$", shrink=0.8, extend=extend)
+        fig.colorbar(image, ax=axes, label=r"dependency $\beta_{i,j}$", shrink=0.6, extend=extend)
     fig.suptitle(r"Residual-branch dependency $\beta_{i,j}$ (rows: unit norm; diagonal: own branch)")
     return save(fig, out, dpi)
 
@@ -84,7 +91,7 @@ def plot_output_change(sweep: Mapping[str, Any], out: str | Path, checkpoint: st
     results = sweep["results"]
     cfg = sweep.get("config", {})
     log_like = [k for k, r in results.items() if r.get("fit") and r["fit"]["better"] == "log"] or list(results)
-    fig = _figure(11, 4.2)
+    fig = _figure(13, 4.2 if len(results) <= 4 else 6.5)
     axes = fig.subplots(1, 2)
     for scheme, r in results.items():
         n, y = np.asarray(r["sublayers"], float), np.asarray(r["output_change"], float)
@@ -105,7 +112,7 @@ def plot_output_change(sweep: Mapping[str, Any], out: str | Path, checkpoint: st
         ax.set_xlabel("encoder sub-layers N (2 per layer)" + (", log scale" if scale == "log" else ""))
         ax.set_ylabel(r"$|F(x,W) - F(x,W^*)|_2^2$")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7 if len(results) > 4 else 8)
     axes[0].set_title("all schemes, linear x")
     axes[1].set_title(f"log x: {', '.join(scheme_label(k) for k in log_like)}")
     detail = f"d_model={cfg.get('d_model', '?')}, eps={cfg.get('eps', '?')}, {cfg.get('n_tokens', '?')} tokens"

@@ -140,9 +140,9 @@ class SubLN(ResidualScheme):
         x_i = x_{i-1} + Dropout(f'_i(LN(x_{i-1})))       final norm per stack
 
     f' has one more norm inside: before the attention's out_proj (self-attention only, as torchscale's
-    ``inner_attn_ln``, over d_model) and before fc2 (``ffn_layernorm``, over the d_ff hidden units). Init: the default, then the v, out_proj, fc1 and fc2
-    weights times gamma, encoder sqrt(ln(3M) ln(2N) / 3), decoder sqrt(ln(3M)); the decoder's cross-attention keeps
-    its default (torchscale skips ``encoder_attn``).
+    ``inner_attn_ln``, over d_model) and before fc2 (``ffn_layernorm``, over the d_ff hidden units). Init: the
+    default, then the v, out_proj, fc1 and fc2 weights times gamma, encoder sqrt(ln(3M) ln(2N) / 3), decoder
+    sqrt(ln(3M)); the decoder's cross-attention keeps its default (torchscale skips ``encoder_attn``).
     """
 
     name, label, color = "subln", "Sub-LN", "tab:brown"

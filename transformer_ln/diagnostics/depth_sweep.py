@@ -1,8 +1,9 @@
 """Output change at initialisation against depth: the paper's O(N) (Post-LN) versus O(log N) (Pre-LN, Admin).
 
-For each scheme and encoder depth L (N = 2L sub-layers) a fresh model is built with a fixed seed and calibrated by its
-scheme (Admin's omega profiled by ``admin_init``, dropout on, as the reference), and ``output_change`` is measured on the encoder in eval
-mode. Both y = a*N + b and y = a*log(N) + b are fitted by least squares; the one with the higher R^2 "fits better".
+For each scheme and encoder depth L (N = 2L sub-layers) a fresh model is built with a fixed seed and calibrated by
+its scheme (Admin's omega profiled by ``admin_init``, dropout on, as the reference), and ``output_change`` is
+measured on the encoder in eval mode. Both y = a*N + b and y = a*log(N) + b are fitted by least squares; the one
+with the higher R^2 "fits better".
 """
 from __future__ import annotations
 

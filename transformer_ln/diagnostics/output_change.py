@@ -6,9 +6,9 @@
 F is each stack's output: the encoder output (``model.encode``, after Pre-LN's final LayerNorm) and the decoder's
 final hidden state (after its final LayerNorm, before the vocabulary projection). The norm is the squared L2 norm
 over the whole (B, T, D) tensor with pad positions left out. Perturbed: every parameter except biases, norm
-parameters and the residual combiners' scales (Admin's omega, ReZero's alpha), as the reference code; the embedding matrices are weights and do move. The decoder's
-change includes what reaches it through the perturbed encoder output: it is the change of the full model up to the
-decoder's last hidden state.
+parameters and the residual combiners' scales (Admin's omega, ReZero's alpha), as the reference code; the embedding
+matrices are weights and do move. The decoder's change includes what reaches it through the perturbed encoder
+output: it is the change of the full model up to the decoder's last hidden state.
 
 Evaluated in eval mode (the reference ran in train mode, so dropout noise leaked into the difference) with
 ``torch.func.functional_call`` on perturbed copies: the model's own parameters are never written.
