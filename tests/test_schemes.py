@@ -312,3 +312,43 @@ def test_scheme_registry_carries_labels_colours_and_rejects_unknown_names():
         get_scheme("fixup")
     with pytest.raises(ValueError, match="unknown scheme option"):
         get_scheme("deepnorm", alpha=2.0)
+
+
+def test_analyze_cli_takes_any_scheme_and_norm(tmp_path):
+    from transformer_ln.diagnostics.cli import main as analyze
+
+    tiny = ["model.d_model=16", "model.n_heads=2", "model.d_ff=32", "model.n_enc_layers=1", "model.n_dec_layers=1"]
+    assert analyze(["dependency", "--out", str(tmp_path), *tiny, "model.norm=batchnorm",
+                    "--residuals", "resi_dual,deepnorm,subln"]) == 0
+    import json
+
+    data = json.loads((tmp_path / "dependency.json").read_text())
+    assert list(data["results"]) == ["resi_dual", "deepnorm", "subln"]
+    assert (tmp_path / "dependency.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_residual_hook_sees_exactly_the_summed_terms(scheme):
+    """The contract analysis relies on: the combiner's output is s * shortcut + b * branch with its exposed scales,
+    and its branch input is what the branch slots produced (Sandwich's LN_out and Sub-LN's inner norms included)."""
+    from transformer_ln.diagnostics.hooks import registered_hooks, sublayers
+
+    model = _tiny(scheme, "layernorm", dropout=0.0)
+    randomize(model, seed=4)  # ReZero's alpha and Admin's omega away from 0 and 1
+    seen = []
+    with registered_hooks() as hooks:
+        for stack in sublayers(model).values():
+            for _, sub in stack:
+                record = {}
+                hooks.forward(sub.residual,
+                              lambda m, i, o, r=record: r.update(x=i[0], a=i[1], out=o, scales=m.scales()))
+                hooks.forward(sub.dropout, lambda m, i, o, r=record: r.update(branch=o))
+                seen.append(record)
+        b = random_batch(23, batch_size=2, seq_len=6, seed=5)
+        with torch.no_grad():
+            model.eval()(b["src"], b["tgt_in"])
+    assert len(seen) == 10
+    for r in seen:
+        s, g = (1.0 if v is None else v for v in r["scales"])
+        torch.testing.assert_close(r["out"], s * r["x"] + g * r["a"], atol=1e-6, rtol=1e-6)
+        assert torch.equal(r["a"], r["branch"])
