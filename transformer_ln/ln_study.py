@@ -224,7 +224,7 @@ def valid_nll_two_ways(run_dir: str | Path, max_tokens: Optional[int] = None) ->
 
     from .checkpoint import load_model
     from .data.prepare import prepare_data
-    from .train import compute_loss
+    from .losses import label_smoothed_nll_loss
 
     run_dir = Path(run_dir)
     model, cfg = load_model(run_dir, "best")
@@ -242,7 +242,8 @@ def valid_nll_two_ways(run_dir: str | Path, max_tokens: Optional[int] = None) ->
         with torch.no_grad():
             for ix in sampler:
                 b = data.batch("valid", ix)
-                _, nll = compute_loss(model, b, 0.0, cfg.model.pad_id)
+                logits = model(b["src"], b["tgt_in"])
+                _, nll = label_smoothed_nll_loss(logits, b["tgt_out"], 0.0, cfg.model.pad_id)
                 total, count = total + float(nll), count + float(b["ntokens"])
         out[mode] = total / count / math.log(2)
     out["gap"] = out["running"] - out["batch"]
