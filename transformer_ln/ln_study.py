@@ -114,6 +114,13 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
+def _axes_labels(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
 def _save_png(fig, path: str | Path, dpi: int = 130) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,11 +153,8 @@ def plot_lm_curves(runs: list[dict], path: str | Path, title: str = "") -> Path:
                 ax.fill_between(ups, [min(p) for p in per], [max(p) for p in per], color=color, alpha=0.2)
         ax.set_yscale("log")
         _plain_log_ticks(ax)
-        ax.set_xlabel("updates")
-        ax.set_ylabel("validation perplexity")
         ax.set_title(f"Adam lr {lr:g}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        _axes_labels(ax, "updates", "validation perplexity")
     if title:
         fig.suptitle(title)
     return _save_png(fig, path)
@@ -170,10 +174,7 @@ def plot_lm_gap(runs: list[dict], path: str | Path, title: str = "") -> Path:
             ratio = [_ppl_at(plain, u) / _ppl_at(ln, u) for u in ups]
             ax.plot(ups, ratio, color=color, alpha=0.8, label=f"lr {lr:g}" if i == 0 else None)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("updates")
-    ax.set_ylabel("ppl(LSTM) / ppl(LN-LSTM), per seed")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    _axes_labels(ax, "updates", "ppl(LSTM) / ppl(LN-LSTM), per seed")
     if title:
         ax.set_title(title)
     return _save_png(fig, path)
@@ -296,10 +297,7 @@ def plot_norm_vs_batch(rows: list[dict], path: str | Path, title: str = "") -> P
             if pts:
                 ax.plot(*zip(*pts), marker="o", color=NORM_COLORS.get(norm), label=norm)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size (train.max_tokens)")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+        _axes_labels(ax, "batch size (train.max_tokens)", label)
     if title:
         fig.suptitle(title)
     return _save_png(fig, path)
@@ -316,10 +314,7 @@ def plot_norm_curves(rows: list[dict], path: str | Path, title: str = "") -> Pat
             if valid:
                 ax.plot(*zip(*valid), marker="o", ms=3, color=NORM_COLORS.get(r["norm"]), label=r["norm"])
         ax.set_title(f"max_tokens {size}")
-        ax.set_xlabel("updates")
-        ax.set_ylabel("valid nll (bits/token)")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+        _axes_labels(ax, "updates", "valid nll (bits/token)")
     if title:
         fig.suptitle(title)
     return _save_png(fig, path)
