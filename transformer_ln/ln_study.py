@@ -118,7 +118,8 @@ def _axes_labels(ax, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
 
 
 def _save_png(fig, path: str | Path, dpi: int = 130) -> Path:
