@@ -77,3 +77,33 @@ def test_lm_study_script_end_to_end_on_the_builtin_corpus(tmp_path):
     mtime = (tmp_path / "lm" / "lstm-lr0.005-s1" / "summary.json").stat().st_mtime
     assert lstm_lm.main(argv) == 0  # rerun: finished runs are skipped, not retrained
     assert (tmp_path / "lm" / "lstm-lr0.005-s1" / "summary.json").stat().st_mtime == mtime
+
+
+def _tiny_transformer_run(run_dir, norm):
+    from transformer_ln.config import RunConfig, apply_overrides
+    from transformer_ln.train import DEMO, Trainer
+
+    cfg = RunConfig.from_dict(apply_overrides(DEMO, [
+        f"train.out_dir={run_dir}", "train.max_updates=6", "train.valid_every=3", "train.max_minutes=0",
+        "train.bleu_at_end=false", "train.max_tokens=256", "optim.warmup_updates=2", f"model.norm={norm}",
+        "model.d_model=32", "model.d_ff=64", "model.n_heads=4", "model.n_enc_layers=1", "model.n_dec_layers=1",
+        "data.synthetic_size=800", "data.vocab_size=300"]))
+    assert Trainer(cfg, cpu=True, quiet=True).run()["status"] == "completed"
+
+
+def test_batchnorm_train_eval_gap_is_measured_and_none_for_layernorm(tmp_path):
+    for norm in ("layernorm", "batchnorm"):
+        _tiny_transformer_run(tmp_path / "bn" / f"{norm}-tok256" / "run", norm)
+    rows = ln_study.read_norm_runs(tmp_path / "bn")
+    assert sorted((r["norm"], r["max_tokens"], r["status"]) for r in rows) == [
+        ("batchnorm", 256, "completed"), ("layernorm", 256, "completed")]
+    for r in rows:
+        r.update(ln_study.valid_nll_two_ways(r["run"]))
+    by = {r["norm"]: r for r in rows}
+    # LayerNorm has no batch statistics: both ways of evaluating are the same computation
+    assert abs(by["layernorm"]["gap"]) < 1e-9
+    # BatchNorm's running averages are not the batch's statistics: the two evaluations differ
+    assert abs(by["batchnorm"]["gap"]) > 1e-4
+    assert "| batchnorm | 256 | completed |" in ln_study.norm_table(rows)
+    for plot in (ln_study.plot_norm_vs_batch, ln_study.plot_norm_curves):
+        assert plot(rows, tmp_path / f"{plot.__name__}.png").stat().st_size > 0
