@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, default=Path("experiments/results/seeds_ln"))
     ap.add_argument("--config", default=str(ROOT / "experiments/configs/cpu_synthetic.yaml"))
     ap.add_argument("--norms", nargs="+", default=["layernorm", "batchnorm"])
-    ap.add_argument("--tokens", nargs="+", type=int, default=[128, 512, 2048, 4096], help="train.max_tokens values")
+    ap.add_argument("--tokens", nargs="+", type=int, default=[128, 512, 2048], help="train.max_tokens values")
     ap.add_argument("--residual", default="post_ln")
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-3)
