@@ -121,7 +121,7 @@ def test_translate_evaluate_and_average_end_to_end(tmp_path):
     assert len(res.stdout.splitlines()) == 2
     res = cli("evaluate", str(tmp_path), "--split", "test", "--limit", "20", "--beam", "2")
     assert res.returncode == 0, res.stderr
-    scores = json.loads((tmp_path / "eval_test.json").read_text())
+    scores = json.loads((tmp_path / "eval_test_best_limit20_beam2.json").read_text())
     assert scores["n"] == 20 and 0.0 <= scores["bleu"] <= 100.0 and "nrefs:1" in scores["bleu_signature"]
     res = cli("analyze", "dependency", "--run", str(tmp_path), "--seq-len", "8", "--out", str(tmp_path / "an"))
     assert res.returncode == 0 and (tmp_path / "an").is_dir(), res.stderr

@@ -10,7 +10,9 @@ import argparse
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 
@@ -72,28 +74,96 @@ def split_config_arguments(items: list[str]) -> tuple[str | None, list[str]]:
     return config, items
 
 
-def config_from_arguments(items: list[str], defaults: dict | None = None, resume_dir: str | Path | None = None):
-    """The ``RunConfig`` a command line describes.
+DEFAULT, DEMO_ORIGIN, OVERRIDE = "default", "demo", "override"
 
-    ``CONFIG`` replaces ``defaults`` (the built-in ``RunConfig()`` when ``None``); with ``resume_dir`` the base is
-    that run's ``config.yaml`` and a CONFIG is refused. Overrides apply last.
+# the settings that decide what a run is, printed before training with where each value came from
+KEY_SETTINGS = ("data.source", "data.vocab_size", "model.residual", "model.d_model", "model.n_enc_layers",
+                "model.n_dec_layers", "model.max_positions", "optim.lr", "optim.warmup_updates", "train.max_tokens",
+                "train.update_freq", "train.max_epochs", "train.max_updates", "train.max_minutes", "train.keep_last",
+                "train.out_dir")
+
+
+@dataclass
+class Resolved:
+    """A config and, per dotted key, where its value came from: default, demo, the CONFIG's path or override."""
+
+    cfg: Any
+    origins: dict
+    demo: bool
+
+    def settings_block(self, keys: tuple = KEY_SETTINGS) -> str:
+        flat = _flatten(self.cfg.to_dict())
+        width = max(map(len, keys))
+        lines = [f"settings{' (the demo: small model, built-in corpus)' if self.demo else ''}:"]
+        lines += [f"  {k.ljust(width)}  {_show(flat[k]):<12}  ({self.origins.get(k, DEFAULT)})" for k in keys]
+        lines.append("  (every key: `transformer-ln config`; change one with section.key=value)")
+        return "\n".join(lines)
+
+
+def _show(v) -> str:
+    return "null" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resolve_config(items: list[str], demo: bool = False, resume_dir: str | Path | None = None) -> Resolved:
+    """The one config resolution of every command (``train``, ``data stats``, ``analyze``; ``evaluate`` reads the run's).
+
+    Layers, later ones winning: the library defaults (``RunConfig()``, the base recipe); the demo's settings
+    (``config.DEMO``) only when there is no CONFIG and the data is the built-in corpus, or with ``demo=True``;
+    the CONFIG file (or, with ``resume_dir``, that run's ``config.yaml``) instead of both; the dotted overrides.
+    A key that no layer sets keeps its dataclass default.
     """
-    from .config import RunConfig
+    from .config import DEMO, RunConfig
     from .sections import apply_overrides, read_yaml_mapping
 
     config, overrides = split_config_arguments(items)
+    if resume_dir is not None and config is not None:
+        raise UserError(f"give either --resume RUN_DIR or a CONFIG ({config}), not both (overrides are allowed)")
+    if demo and config is not None:
+        raise UserError(f"give either --demo or a CONFIG ({config}), not both (the demo's settings are "
+                        "config.DEMO; overrides are allowed)")
+    layers: list[tuple[str, dict]] = []  # a key no layer sets keeps its dataclass default
     if resume_dir is not None:
-        if config is not None:
-            raise UserError(f"give either --resume RUN_DIR or a CONFIG ({config}), not both (overrides are "
-                            "allowed)")
         from .rundir import RunDir
 
-        base = read_yaml_mapping(RunDir(resume_dir).config)
+        layers.append((str(RunDir(resume_dir).config), read_yaml_mapping(RunDir(resume_dir).config)))
     elif config is not None:
-        base = read_yaml_mapping(config)
+        layers.append((config, read_yaml_mapping(config)))
     else:
-        base = RunConfig().to_dict() if defaults is None else defaults
-    return RunConfig.from_dict(apply_overrides(base, overrides))
+        layers.append((DEFAULT, RunConfig().to_dict()))
+        source = apply_overrides(DEMO, overrides).get("data", {}).get("source")
+        demo = demo or source == "synthetic"
+        if demo:
+            layers.append((DEMO_ORIGIN, DEMO))
+    base: dict = {}
+    origins: dict = {}
+    for name, layer in layers:
+        base = _merge(base, layer)
+        origins.update({k: name for k in _flatten(layer)})
+    for text in overrides:
+        origins[text.split("=", 1)[0].strip()] = OVERRIDE
+    return Resolved(RunConfig.from_dict(apply_overrides(base, overrides)), origins, demo and resume_dir is None)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in (b or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_arguments(items: list[str], demo: bool = False, resume_dir: str | Path | None = None):
+    """The ``RunConfig`` a command line describes (``resolve_config(...).cfg``)."""
+    return resolve_config(items, demo=demo, resume_dir=resume_dir).cfg
 
 
 def usage() -> str:

@@ -19,7 +19,8 @@ from .residual import SCHEMES
 from .sections import ConfigError, Section, apply_overrides, choices, parse_override, read_yaml_mapping
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "RunConfig", "RESIDUALS",
-           "ADMIN_OMEGAS", "NORM_NAMES", "ACTIVATIONS", "apply_overrides", "parse_override", "load_run_config"]
+           "ADMIN_OMEGAS", "NORM_NAMES", "ACTIVATIONS", "DEMO", "apply_overrides", "parse_override",
+           "load_run_config"]
 
 ResidualName = Literal[tuple(SCHEMES)]  # the registry in transformer_ln.residual
 NormName = Literal[tuple(NORMS)]  # transformer_ln.norms
@@ -159,7 +160,7 @@ class TrainConfig(Section):
     """The training loop: batching, length, precision, checkpoints, divergence and evaluation."""
 
     _prefix = "train."
-    out_dir: str = "runs/demo"
+    out_dir: str = "runs/run"
     seed: int = 1
     max_tokens: int = 4096
     update_freq: int = 1
@@ -172,7 +173,7 @@ class TrainConfig(Section):
     diverge_patience: int = 5
     save_every: int = 0
     save_epochs: bool = True
-    keep_last: int = 2
+    keep_last: int = 5
     valid_every: int = 0
     log_every: int = 10
     grad_norms_every: int = 0
@@ -213,6 +214,19 @@ class RunConfig(Section):
         for f in dataclasses.fields(self):
             if not isinstance(getattr(self, f.name), Section):
                 raise ConfigError(f"{f.name}: expected a section, got {getattr(self, f.name)!r}")
+
+
+# The demo's settings, on top of the library defaults above: a small model on the built-in corpus, a few CPU
+# minutes. They apply only to the demo (no CONFIG and the built-in corpus, or ``train --demo``); a run on the user's
+# own data starts from the library defaults (the base recipe) instead. See ``transformer_ln.cli.resolve_config``.
+DEMO = {
+    "model": {"d_model": 128, "n_heads": 4, "d_ff": 512, "n_enc_layers": 3, "n_dec_layers": 3, "dropout": 0.1,
+              "share_embeddings": True, "max_positions": 256},
+    "data": {"source": "synthetic", "vocab_size": 1000},
+    "optim": {"lr": 2e-3, "warmup_updates": 300},
+    "train": {"out_dir": "runs/demo", "max_tokens": 4096, "max_epochs": 30, "max_minutes": 4.0,
+              "log_every": 20},
+}
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:

@@ -88,7 +88,8 @@ def bleu_and_chrf(hyps: list[str], refs: list[str]) -> dict:
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", beam: int | None = None,
                  lenpen: float | None = None, accelerator=None, model=None, limit: int | None = None) -> dict:
-    """Translate ``split`` of the run's corpus, score it, write ``eval_<split>.json``; returns the scores."""
+    """Translate ``split`` of the run's corpus, score it, write ``eval_<split>_<checkpoint>[_limit<N>].json`` and
+    the hypotheses beside it (``RunDir.eval_file``), refresh ``results.md``; returns the scores."""
     from .data import prepare_data
 
     run = RunDir(run_dir)
@@ -119,12 +120,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     else:
         hyps = hyps_mine
     scores = bleu_and_chrf(hyps, [r for _, r in pairs])
-    scores.update(split=split, checkpoint=checkpoint, beam=beam or t.beam)
+    scores.update(split=split, checkpoint=checkpoint, beam=beam or t.beam, limit=limit or None,
+                  lenpen=t.lenpen if lenpen is None else lenpen)
     if is_main:
-        write_text(run.hyps_file(split), "\n".join(hyps) + "\n")
-        write_text(run.eval_file(split), json.dumps(scores, indent=1))
+        names = (split, checkpoint, limit, beam, lenpen)  # one file per distinct evaluation: nothing overwritten
+        write_text(run.hyps_file(*names), "\n".join(hyps) + "\n")
+        write_text(run.eval_file(*names), json.dumps(scores, indent=1))
+        results = run.write_results()
         print(f"{split}: BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  ({scores['n']} sentences)\n"
-              f"  {scores['bleu_signature']}\n  {scores['chrf_signature']}")
+              f"  {scores['bleu_signature']}\n  {scores['chrf_signature']}\n"
+              f"  wrote {run.eval_file(*names).name}, {run.hyps_file(*names).name}; all evaluations: {results}")
     return scores
 
 
@@ -164,7 +169,8 @@ def translate_main(argv: list[str]) -> int:
 def evaluate_main(argv: list[str]) -> int:
     p = Parser(prog="transformer-ln evaluate",
                description="Translate a split of the run's corpus and print sacreBLEU and chrF "
-                           "(with signatures); writes RUN_DIR/eval_<split>.json.")
+                           "(with signatures); writes RUN_DIR/eval_<split>_<checkpoint>[_limit<N>].json (never over "
+                           "another evaluation's) and lists them all in RUN_DIR/results.md.")
     _common(p)
     p.add_argument("--split", default="test", help="test (default) or valid")
     p.add_argument("--limit", type=int, default=None, help="only the first N sentences")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .atomic import write_with
+from .rundir import RunDir
 
 NORM_LABELS = {"layernorm": "LN-LSTM", None: "LSTM"}
 NORM_COLORS = {"layernorm": "tab:blue", None: "tab:red", "batchnorm": "tab:orange"}
@@ -259,13 +260,13 @@ def read_norm_runs(root: str | Path) -> list[dict]:
         run = summary.parent
         norm, _, tok = run.parent.name.rpartition("-tok")
         s = json.loads(summary.read_text())
-        ev = run / "eval_test.json"
+        ev = RunDir(run).find_eval("test")
         train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
         train = [r for r in train if r.get("kind") == "train"]
         last = train[-50:]
         rows.append({"norm": norm, "max_tokens": int(tok), "run": str(run), "status": s["status"],
                      "best_valid_nll": s.get("best_valid_nll"), "updates": s.get("updates"),
-                     "test_bleu": json.loads(ev.read_text())["bleu"] if ev.is_file() else None,
+                     "test_bleu": json.loads(ev.read_text())["bleu"] if ev is not None else None,
                      "train_nll_last50": (sum(r["nll"] for r in last) / len(last)) if last else None,
                      "target_tokens_per_batch": (sum(r["ntokens"] for r in last) / len(last)) if last else None,
                      "wall_time_s": s.get("wall_time_s")})

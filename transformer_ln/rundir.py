@@ -39,10 +39,14 @@ class RunDir:
     CACHE = "cache"
     MARKER = ".transformer_ln_run"
     LOCK = ".transformer_ln_lock"
+    RESULTS = "results.md"
     EVAL_SPLITS = ("test", "valid")
-    # what a run writes (the marker and the lock are handled apart): the only names a fresh run ever deletes
-    FILES = (CHECKPOINTS, METRICS, SUMMARY, PROFILE, CONFIG, TOKENIZER, CACHE,
+    # what a run writes (the marker and the lock are handled apart): the only names a fresh run ever deletes,
+    # with the evaluation files of EVAL_PATTERNS (named by split, checkpoint, limit; older runs: eval_<split>.json)
+    FILES = (CHECKPOINTS, METRICS, SUMMARY, PROFILE, CONFIG, TOKENIZER, CACHE, RESULTS,
              *(f"eval_{s}.json" for s in EVAL_SPLITS), *(f"hyps_{s}.txt" for s in EVAL_SPLITS))
+    EVAL_PATTERNS = tuple(f"{kind}_{s}_*.{ext}" for s in EVAL_SPLITS for kind, ext in (("eval", "json"),
+                                                                                       ("hyps", "txt")))
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -62,11 +66,49 @@ class RunDir:
     cache = property(lambda self: self.path / self.CACHE)
     marker = property(lambda self: self.path / self.MARKER)
 
-    def eval_file(self, split: str) -> Path:
-        return self.path / f"eval_{split}.json"
+    @staticmethod
+    def eval_stem(split: str, checkpoint: str = "best", limit: Optional[int] = None, beam: Optional[int] = None,
+                  lenpen: Optional[float] = None) -> str:
+        """``test_best``, ``test_last_limit300``, ``valid_update_40_beam1``: one name per distinct evaluation, so a
+        quick ``--limit`` or another checkpoint never overwrites the full score (beam/lenpen only when given)."""
+        import re
 
-    def hyps_file(self, split: str) -> Path:
-        return self.path / f"hyps_{split}.txt"
+        parts = [split, re.sub(r"[^A-Za-z0-9_.-]+", "_", str(checkpoint)).strip("_.") or "checkpoint"]
+        parts += [f"limit{limit}"] if limit else []
+        parts += [f"beam{beam}"] if beam is not None else []
+        parts += [f"lenpen{lenpen:g}"] if lenpen is not None else []
+        return "_".join(parts)
+
+    def eval_file(self, split: str, checkpoint: str = "best", limit: Optional[int] = None, beam: Optional[int] = None,
+                  lenpen: Optional[float] = None) -> Path:
+        return self.path / f"eval_{self.eval_stem(split, checkpoint, limit, beam, lenpen)}.json"
+
+    def hyps_file(self, split: str, checkpoint: str = "best", limit: Optional[int] = None, beam: Optional[int] = None,
+                  lenpen: Optional[float] = None) -> Path:
+        return self.path / f"hyps_{self.eval_stem(split, checkpoint, limit, beam, lenpen)}.txt"
+
+    def find_eval(self, split: str = "test") -> Optional[Path]:
+        """The full evaluation of the best checkpoint (the run's headline score), or an older run's eval_<split>.json."""
+        for p in (self.eval_file(split), self.path / f"eval_{split}.json"):
+            if p.is_file():
+                return p
+        return None
+
+    def eval_files(self) -> list[Path]:
+        return sorted(p for pat in ("eval_*.json",) for p in self.path.glob(pat) if p.is_file())
+
+    def write_results(self) -> Path:
+        """``results.md``: every evaluation of this run, one row each (rewritten from the eval files)."""
+        rows = ["| file | split | checkpoint | sentences | beam | BLEU | chrF |", "|---|---|---|---|---|---|---|"]
+        for p in self.eval_files():
+            try:
+                d = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            rows.append(f"| {p.name} | {d.get('split', '?')} | {d.get('checkpoint', '?')} | {d.get('n', '?')} | "
+                        f"{d.get('beam', '?')} | {d.get('bleu', '?')} | {d.get('chrf', '?')} |")
+        write_text(self.path / self.RESULTS, f"# Evaluations of {self.path.name}\n\n" + "\n".join(rows) + "\n")
+        return self.path / self.RESULTS
 
     # ---------------------------------------------------------------------------------------------- what it holds
 
@@ -111,7 +153,14 @@ class RunDir:
         return self.has_checkpoints() or self.summary.is_file()
 
     def present(self) -> list[str]:
-        return [n for n in self.FILES if (self.path / n).exists()]
+        named = [n for n in self.FILES if (self.path / n).exists()]
+        return named + sorted({p.name for pat in self.EVAL_PATTERNS for p in self.path.glob(pat)} - set(named))
+
+    def is_own(self, name: str) -> bool:
+        """Whether ``name`` is one a run writes (so a fresh run may delete it)."""
+        import fnmatch
+
+        return name in self.FILES or any(fnmatch.fnmatchcase(name, pat) for pat in self.EVAL_PATTERNS)
 
     def read_summary(self) -> Optional["Summary"]:
         return Summary.load(self.summary) if self.summary.is_file() else None
@@ -148,7 +197,7 @@ class RunDir:
         import shutil
 
         for name in names:
-            assert name in self.FILES, name
+            assert self.is_own(name), name
             p = self.path / name
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         self.mark()
@@ -329,6 +378,7 @@ class Summary:
     last_good_checkpoint: Optional[str] = None
     best_checkpoint: Optional[str] = None
     stop_reason: Optional[str] = None
+    stopped: Optional[str] = None  # the rule that ended a completed run: max_updates, max_epochs or max_minutes
     epochs_started: Optional[int] = None
     tokens: Optional[int] = None
     wall_time_s: Optional[float] = None

@@ -2,7 +2,7 @@
 
 Each run is a separate ``transformer_ln.train`` process (optionally under ``accelerate launch``) writing into
 ``<out>/<name>/``; a run whose ``summary.json`` exists is finished and skipped, so a sweep can be rerun or resumed.
-``collect`` reads every run's ``summary.json`` and ``eval_test.json`` into ``results.csv`` and ``results.md``.
+``collect`` reads every run's ``summary.json`` and test evaluation (``eval_test_best.json``) into ``results.csv`` and ``results.md``.
 """
 from __future__ import annotations
 
@@ -107,8 +107,8 @@ def collect(out: Path) -> list[dict]:
     for run_dir in sorted(p for p in out.iterdir() if p.is_dir() and is_finished(p)):
         run = RunDir(run_dir)
         s = run.read_summary()
-        ev = run.eval_file("test")
-        bleu = json.loads(ev.read_text())["bleu"] if ev.is_file() else None
+        ev = run.find_eval("test")
+        bleu = json.loads(ev.read_text())["bleu"] if ev is not None else None
         rows.append({"run": run_dir.name, "residual": s.residual, "depth": s.n_enc_layers, "lr": s.lr,
                      "warmup": s.warmup_updates, "seed": s.seed, "status": s.status, "diverged_at": s.diverged_at,
                      "best_valid_loss": s.best_valid_loss, "best_valid_nll": s.best_valid_nll, "test_bleu": bleu,

@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from .config import RunConfig
+from .config import DEMO as _DEMO, RunConfig
 from .errors import UserError
 from .rundir import RunDir
 from .trainer import State, Trainer, UpdateContext  # noqa: F401  (the public names of the trainer)
 
-# What `transformer-ln train` runs without a CONFIG: a small model on the built-in corpus, a few CPU minutes.
-DEMO = {
-    "model": {"d_model": 128, "n_heads": 4, "d_ff": 512, "n_enc_layers": 3, "n_dec_layers": 3, "dropout": 0.1,
-              "share_embeddings": True, "max_positions": 256},
-    "data": {"source": "synthetic", "vocab_size": 1000},
-    "optim": {"lr": 2e-3, "warmup_updates": 300},
-    "train": {"out_dir": "runs/demo", "max_tokens": 4096, "max_epochs": 30, "max_minutes": 4.0,
-              "log_every": 20},
-}
+# What `transformer-ln train` runs without a CONFIG on the built-in corpus (or with --demo); kept here by name
+DEMO = _DEMO
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,9 +26,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     p = Parser(
         prog="transformer-ln train",
-        description="Train a Post-LN, Pre-LN or Admin encoder-decoder. Without CONFIG: a small model on the "
-                    "built-in synthetic corpus (a few CPU minutes). Settings are `section.key=value` overrides; "
-                    "options may come anywhere.",
+        description="Train a Post-LN, Pre-LN or Admin encoder-decoder. Without CONFIG on the built-in corpus "
+                    "(or with --demo): the demo, a small model for a few CPU minutes (transformer_ln.config.DEMO). "
+                    "On your own data (data.source=files ...) without CONFIG: the library defaults, the base "
+                    "recipe. Settings are `section.key=value` overrides; options may come anywhere. Every key, "
+                    "its default and allowed values: `transformer-ln config`.",
         epilog="examples:\n  transformer-ln train --cpu\n"
                "  transformer-ln train experiments/configs/cpu_synthetic.yaml model.residual=admin "
                "model.n_enc_layers=12\n  transformer-ln train --resume runs/demo train.max_updates=2000\n"
@@ -44,11 +40,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier run in train.out_dir first")
+    p.add_argument("--demo", action="store_true", help="start from the demo's settings even on your own data")
     return p.parse_intermixed_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    from .cli import config_from_arguments
+def resolve_from_args(args: argparse.Namespace):
+    """The run's config and where each value came from (``transformer_ln.cli.resolve_config``)."""
+    from .cli import resolve_config
 
     if args.resume:
         run = RunDir(args.resume)
@@ -56,18 +54,25 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise UserError(f"cannot resume: run directory {run} does not exist")
         if not run.config.is_file():
             raise UserError(f"cannot resume: {run.config} is missing, so {run} is not a run directory")
-        return config_from_arguments(list(args.args) + [f"train.out_dir={run}"], resume_dir=run.path)
-    return config_from_arguments(args.args, defaults=DEMO)
+        return resolve_config(list(args.args) + [f"train.out_dir={run}"], resume_dir=run.path)
+    return resolve_config(args.args, demo=args.demo)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return resolve_from_args(args).cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = config_from_args(args)
+    resolved = resolve_from_args(args)
+    cfg = resolved.cfg
+    if os.environ.get("RANK", "0") == "0":
+        print(resolved.settings_block(), flush=True)
     trainer = Trainer(cfg, cpu=args.cpu, resume=bool(args.resume), overwrite=args.overwrite)
     summary = trainer.run()
     if trainer.accelerator.is_main_process:
         print(json.dumps(summary, indent=1))
-    done_before = trainer.finished and trainer.rundir.eval_file("test").is_file()
+    done_before = trainer.finished and trainer.rundir.find_eval("test") is not None
     if summary["status"] == "completed" and cfg.train.bleu_at_end and not done_before:
         from .evaluate import evaluate_run
         evaluate_run(trainer.run_dir, split="test", checkpoint="best", accelerator=trainer.accelerator,

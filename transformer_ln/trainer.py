@@ -71,15 +71,31 @@ class State:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def stopped_by(st: State, t) -> Optional[str]:
+    """Which rule of ``t`` (a ``TrainConfig``) ended the run: max_updates, max_epochs, max_minutes, or None.
+
+    ``max_minutes`` is a time limit, not a completed recipe (the schedule may have stopped mid-warmup), so the
+    summary records it beside the status as ``"stopped": "max_minutes"``.
+    """
+    if t.max_updates and st.update >= t.max_updates:
+        return "max_updates"
+    if t.max_epochs and st.epoch > t.max_epochs:
+        return "max_epochs"
+    if t.max_minutes and st.wall_time >= t.max_minutes * 60:
+        return "max_minutes"
+    return None
+
+
 def stop_reason(st: State, t) -> Optional[str]:
     """Why the run has nothing more to do under the stopping rule ``t`` (a ``TrainConfig``), or None."""
     if st.status == "diverged":
         return f"diverged at update {st.diverged_at}"
-    if t.max_updates and st.update >= t.max_updates:
+    rule = stopped_by(st, t)
+    if rule == "max_updates":
         return f"train.max_updates={t.max_updates} reached"
-    if t.max_epochs and st.epoch > t.max_epochs:
+    if rule == "max_epochs":
         return f"train.max_epochs={t.max_epochs} done"
-    if t.max_minutes and st.wall_time >= t.max_minutes * 60:
+    if rule == "max_minutes":
         return f"train.max_minutes={t.max_minutes:g} reached at update {st.update}"
     return None
 
@@ -427,6 +443,9 @@ class Trainer:
         else:
             st.status = "completed"
         summary = self.summary(why if st.status == "completed" else stop_reason(st, t_cfg))
+        if summary["stopped"] == "max_minutes" and not self.quiet and acc.is_main_process:
+            print(f"note: stopped by the time limit train.max_minutes={t_cfg.max_minutes:g} at update {st.update} "
+                  f"(warmup {self.cfg.optim.warmup_updates}); resume with a larger limit to go on", file=sys.stderr)
         if acc.is_main_process:
             Summary.from_dict(summary).save(self.rundir.summary)
         if acc.trackers:
@@ -562,7 +581,8 @@ class Trainer:
             last_good_checkpoint=str(found[-1].relative_to(self.run_dir)) if found else None,
             best_checkpoint=(f"{best.relative_to(self.run_dir)} (update {st.best_update})"
                              if best.is_dir() else None),
-            stop_reason=stop, epochs_started=st.epoch, tokens=st.tokens, wall_time_s=round(st.wall_time, 2),
+            stop_reason=stop, stopped=None if st.status == "diverged" else stopped_by(st, self.cfg.train),
+            epochs_started=st.epoch, tokens=st.tokens, wall_time_s=round(st.wall_time, 2),
             residual=m.residual, n_enc_layers=m.n_enc_layers, n_dec_layers=m.n_dec_layers, lr=self.cfg.optim.lr,
             warmup_updates=self.cfg.optim.warmup_updates, seed=self.cfg.train.seed,
             processes=self.accelerator.num_processes).to_dict()

@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
         _parser().print_help()
         return 2
     args = _parser().parse_intermixed_args(argv)
-    cfg = config_from_arguments(args.args)  # without CONFIG: the built-in defaults, so train.max_epochs stays set
+    cfg = config_from_arguments(args.args)  # the resolution `train` uses, so the stats describe the same run
     if args.command == "prepare":
         return prepare_main(cfg, args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

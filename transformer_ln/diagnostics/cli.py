@@ -80,7 +80,7 @@ def usage() -> str:
 
 
 def _fresh_config(args) -> tuple[ModelConfig, list[str]]:
-    model = config_from_arguments(args.overrides, defaults={}).model
+    model = config_from_arguments(args.overrides).model  # the model `train` would build from these arguments
     if model.src_vocab_size is None or model.tgt_vocab_size is None:
         model = dataclasses.replace(model, src_vocab_size=model.src_vocab_size or args.vocab,
                                     tgt_vocab_size=model.tgt_vocab_size or args.vocab)

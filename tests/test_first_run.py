@@ -1,0 +1,92 @@
+"""A user's own corpus right on the first try (issue 18): honest defaults, results never overwritten, settings
+that can be discovered, README code that runs."""
+import json
+from pathlib import Path
+
+import pytest
+
+from transformer_ln.cli import resolve_config
+from transformer_ln.config import DEMO, RunConfig
+
+from conftest import TINY_RUN
+
+SMALL = [f"model.{k}={v}" for k, v in TINY_RUN["model"].items()] + ["train.max_tokens=600", "train.log_every=1",
+                                                                    "train.bleu_at_end=false"]
+
+
+def write_corpus(folder: Path, n: int = 40) -> list[str]:
+    """A few typed sentences as a user's parallel files; the overrides that point a run at them."""
+    words = ["the", "dog", "sees", "a", "cat", "house", "old", "man", "walks", "small"]
+    lines = [" ".join(words[(i * k) % len(words)] for k in range(1, 5 + i % 4)) for i in range(n)]
+    for split in ("train", "valid"):
+        (folder / f"{split}.src").write_text("\n".join(lines) + "\n")
+        (folder / f"{split}.tgt").write_text("\n".join(w.upper() for w in lines) + "\n")
+    return ["data.source=files", *(f"data.{s}_{side}={folder}/{s}.{side}" for s in ("train", "valid")
+                                   for side in ("src", "tgt"))]
+
+
+def test_files_run_without_config_uses_library_defaults_and_prints_where_settings_came_from(tmp_path, capsys):
+    from transformer_ln.data.cli import main as data_main
+    from transformer_ln.train import main as train_main
+
+    files = write_corpus(tmp_path)
+    lib = RunConfig()
+    r = resolve_config(files)
+    assert not r.demo
+    for key in ("data.vocab_size", "optim.warmup_updates", "model.max_positions", "train.max_minutes",
+                "train.keep_last", "optim.lr", "model.d_model"):
+        sec, name = key.split(".")
+        assert getattr(getattr(r.cfg, sec), name) == getattr(getattr(lib, sec), name), key
+        assert r.origins.get(key, "default") == "default"
+    assert r.origins["data.source"] == "override"
+    # the demo is the demo: no CONFIG and the built-in corpus, or --demo
+    assert resolve_config([]).demo and resolve_config([]).cfg.data.vocab_size == DEMO["data"]["vocab_size"]
+    assert resolve_config(files, demo=True).cfg.optim.warmup_updates == DEMO["optim"]["warmup_updates"]
+
+    out = tmp_path / "run"
+    assert train_main([*files, *SMALL, f"train.out_dir={out}", "train.max_updates=2", "--cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "optim.warmup_updates  4000" in printed and "(default)" in printed and "(override)" in printed
+    saved = RunConfig.load(out / "config.yaml")
+    assert (saved.optim.warmup_updates, saved.train.max_minutes, saved.train.keep_last) == (4000, 0.0, 5)
+    # `data stats` resolves the same way, so it describes the run `train` gives
+    assert data_main(["stats", *files, *SMALL, "--json", str(tmp_path / "s.json")]) == 0
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert (stats["max_positions"], stats["max_tokens"]) == (saved.model.max_positions, saved.train.max_tokens)
+    capsys.readouterr()
+    assert data_main(["stats", "data.synthetic_size=200"]) == 0
+    assert "model.max_positions=256" in capsys.readouterr().out  # the demo's, as `transformer-ln train` uses
+
+
+def test_a_time_limit_is_recorded_as_such(tmp_path):
+    from transformer_ln.train import Trainer
+    from conftest import tiny_run_config
+
+    summary = Trainer(tiny_run_config(tmp_path, "train.max_updates=0", "train.max_minutes=0.0001"), cpu=True,
+                      quiet=True).run()
+    assert summary["status"] == "completed" and summary["stopped"] == "max_minutes"
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == "max_minutes"
+
+
+def test_evaluations_never_overwrite_each_other_and_results_lists_them(tmp_path):
+    import re
+
+    from transformer_ln.evaluate import evaluate_run
+    from transformer_ln.train import Trainer
+    from conftest import tiny_run_config
+
+    Trainer(tiny_run_config(tmp_path, "train.max_updates=2"), cpu=True, quiet=True).run()
+    full = evaluate_run(tmp_path, "test", "best", beam=1, limit=12)
+    evaluate_run(tmp_path, "test", "best", beam=1, limit=5)
+    evaluate_run(tmp_path, "valid", "last", beam=1, limit=5)
+    names = sorted(p.name for p in tmp_path.glob("eval_*.json"))
+    assert names == ["eval_test_best_limit12_beam1.json", "eval_test_best_limit5_beam1.json",
+                     "eval_valid_last_limit5_beam1.json"]
+    assert json.loads((tmp_path / names[0]).read_text())["n"] == full["n"] == 12  # the longer one is still there
+    assert all((tmp_path / n.replace("eval_", "hyps_").replace(".json", ".txt")).is_file() for n in names)
+    results = (tmp_path / "results.md").read_text()
+    assert all(n in results for n in names)
+    # the README's averaging example fits in what a default run keeps
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    last = max(int(n) for n in re.findall(r"average \S+ --last (\d+)", readme))
+    assert RunConfig().train.keep_last >= last and resolve_config([]).cfg.train.keep_last >= last
