@@ -90,3 +90,25 @@ def test_evaluations_never_overwrite_each_other_and_results_lists_them(tmp_path)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     last = max(int(n) for n in re.findall(r"average \S+ --last (\d+)", readme))
     assert RunConfig().train.keep_last >= last and resolve_config([]).cfg.train.keep_last >= last
+
+
+def test_config_command_lists_every_key_with_help_and_writes_a_starter_yaml(tmp_path, capsys):
+    from transformer_ln.cli import main as cli_main
+    from transformer_ln.config_cli import rows
+
+    table = rows()
+    flat = {f"{s}.{k}" for s, sec in RunConfig().to_dict().items() for k in sec}
+    assert {r["key"] for r in table} == flat and all(r["help"] for r in table)
+    assert next(r for r in table if r["key"] == "model.residual")["allowed"][:2] == ["post_ln", "pre_ln"]
+    assert cli_main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert all(k in out for k in flat) and "warmup_updates" in out and "one of relu, gelu" in out
+    path = tmp_path / "starter.yaml"
+    assert cli_main(["config", "--write", str(path)]) == 0
+    assert RunConfig.load(path).to_dict() == RunConfig().to_dict()  # the starter loads back to the defaults
+    assert cli_main(["config", "--demo", "--write", str(tmp_path / "d.yaml")]) == 0
+    assert RunConfig.load(tmp_path / "d.yaml").model.d_model == DEMO["model"]["d_model"]
+    from transformer_ln.train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "transformer-ln config" in capsys.readouterr().out

@@ -26,6 +26,8 @@ COMMANDS = {
              "corpus statistics (stats); tokenize and encode once for many runs (prepare)"),
     "analyze": ("transformer_ln.diagnostics.cli", "main",
                 "output change, residual dependency, gradient norms, training curves"),
+    "config": ("transformer_ln.config_cli", "main",
+               "every config key: default, type, allowed values, help; --write a starter YAML"),
 }
 
 USAGE = """usage: transformer-ln COMMAND [ARGS...]
@@ -40,7 +42,8 @@ Start with:
   transformer-ln train model.residual=admin model.n_enc_layers=12 model.n_dec_layers=12
   accelerate launch -m transformer_ln.train CONFIG.yaml model.residual=pre_ln
   transformer-ln analyze dependency --out figs model.residual=post_ln
-Run `transformer-ln COMMAND --help` for a command's options.
+Run `transformer-ln COMMAND --help` for a command's options, `transformer-ln config` for every setting
+(section.key, default, allowed values, help) and `transformer-ln config --write my.yaml` for a starter config.
 """
 
 
@@ -57,7 +60,8 @@ CONFIG_METAVAR = "[CONFIG.yaml] [section.key=value ...]"
 def add_config_arguments(p: argparse.ArgumentParser, dest: str = "args") -> None:
     """The positional part of the config grammar; parse with ``parse_intermixed_args`` so options go anywhere."""
     p.add_argument(dest, nargs="*", metavar=CONFIG_METAVAR,
-                   help="an optional YAML config, then dotted overrides such as optim.lr=7e-4")
+                   help="an optional YAML config, then dotted overrides such as optim.lr=7e-4; every key, its "
+                        "default and allowed values: `transformer-ln config`")
 
 
 def split_config_arguments(items: list[str]) -> tuple[str | None, list[str]]:

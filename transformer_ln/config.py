@@ -33,6 +33,13 @@ ACTIVATIONS = choices(ActivationName)
 SEED_LIMIT = 2 ** 32  # numpy's and accelerate's set_seed accept 0 .. 2**32 - 1
 
 
+
+
+def opt(default, help: str):
+    """A config field with its one line of help (``transformer-ln config`` prints it)."""
+    return field(default=default, metadata={"help": help})
+
+
 # --------------------------------------------------------------------------------------------------------------
 # sections
 
@@ -48,23 +55,24 @@ class ModelConfig(Section):
     """
 
     _prefix = "model."
-    src_vocab_size: Optional[int] = None
-    tgt_vocab_size: Optional[int] = None
-    d_model: int = 512
-    n_heads: int = 8
-    d_ff: int = 2048
-    n_enc_layers: int = 6
-    n_dec_layers: int = 6
-    dropout: float = 0.1
-    attn_dropout: float = 0.0
-    act_dropout: float = 0.0
-    activation: ActivationName = "relu"
-    residual: ResidualName = "post_ln"
-    norm: NormName = "layernorm"
-    admin_omega: AdminOmegaName = "profile"
-    share_embeddings: bool = False
-    max_positions: int = 1024
-    pad_id: int = 0
+    src_vocab_size: Optional[int] = opt(None, "source vocabulary; null: taken from the trained tokenizer")
+    tgt_vocab_size: Optional[int] = opt(None, "target vocabulary; null: taken from the trained tokenizer")
+    d_model: int = opt(512, "width of the residual stream")
+    n_heads: int = opt(8, "attention heads (must divide d_model)")
+    d_ff: int = opt(2048, "hidden width of the feed-forward sub-layers")
+    n_enc_layers: int = opt(6, "encoder layers")
+    n_dec_layers: int = opt(6, "decoder layers")
+    dropout: float = opt(0.1, "dropout on each branch output and the embeddings")
+    attn_dropout: float = opt(0.0, "dropout on the attention probabilities")
+    act_dropout: float = opt(0.0, "dropout after the FFN activation")
+    activation: ActivationName = opt("relu", "FFN activation")
+    residual: ResidualName = opt("post_ln", "residual/normalization scheme (transformer_ln.residual)")
+    norm: NormName = opt("layernorm", "normalization the scheme's norms use (transformer_ln.norms)")
+    admin_omega: AdminOmegaName = opt("profile",
+                                     "Admin's shortcut scale: profile (the paper's profiling) or a closed form")
+    share_embeddings: bool = opt(False, "one embedding for source, target and output (equal vocabularies)")
+    max_positions: int = opt(1024, "longest sequence in tokens; longer training pairs are filtered out")
+    pad_id: int = opt(0, "id of the padding token")
 
     def __post_init__(self) -> None:
         p = self._prefix
@@ -95,24 +103,24 @@ class DataConfig(Section):
     """Where the parallel text comes from and how it is tokenized (see ``transformer_ln.data``)."""
 
     _prefix = "data."
-    source: Literal["synthetic", "files", "hub"] = "synthetic"
-    synthetic_size: int = 20000
-    synthetic_seed: int = 1234
-    train_src: Optional[str] = None
-    train_tgt: Optional[str] = None
-    valid_src: Optional[str] = None
-    valid_tgt: Optional[str] = None
-    test_src: Optional[str] = None
-    test_tgt: Optional[str] = None
-    src_lang: Optional[str] = None
-    tgt_lang: Optional[str] = None
-    hub_name: Optional[str] = None
-    hub_config: Optional[str] = None
-    vocab_size: int = 8000
-    tokenizer_sample: Optional[int] = None  # train the BPE on at most this many pairs (a seeded sample)
-    cache_dir: Optional[str] = None          # prepared data cached here, keyed by the settings (default RUN/cache)
-    prepared: Optional[str] = None           # a directory from `transformer-ln data prepare`: read it, redo nothing
-    num_proc: int = 1                        # processes encoding the corpus
+    source: Literal["synthetic", "files", "hub"] = opt("synthetic", "the built-in corpus, your files or a hub dataset")
+    synthetic_size: int = opt(20000, "training pairs of the built-in corpus")
+    synthetic_seed: int = opt(1234, "seed of the built-in corpus")
+    train_src: Optional[str] = opt(None, "source training text: one sentence a line; .gz or .jsonl too")
+    train_tgt: Optional[str] = opt(None, "target side of the training data")
+    valid_src: Optional[str] = opt(None, "source side of the validation data")
+    valid_tgt: Optional[str] = opt(None, "target side of the validation data")
+    test_src: Optional[str] = opt(None, "source side of the test data (optional; for BLEU at the end)")
+    test_tgt: Optional[str] = opt(None, "target side of the test data")
+    src_lang: Optional[str] = opt(None, "source language key in .jsonl/hub translation records")
+    tgt_lang: Optional[str] = opt(None, "target language key in .jsonl/hub translation records")
+    hub_name: Optional[str] = opt(None, "datasets hub name, e.g. wmt14 (offline: use local files)")
+    hub_config: Optional[str] = opt(None, "datasets hub config, e.g. de-en")
+    vocab_size: int = opt(8000, "joint BPE vocabulary trained on the training split")
+    tokenizer_sample: Optional[int] = opt(None, "train the BPE on at most this many pairs (a seeded sample)")
+    cache_dir: Optional[str] = opt(None, "prepared data cached here, keyed by the settings (default RUN/cache)")
+    prepared: Optional[str] = opt(None, "a directory from `transformer-ln data prepare`: read it, redo nothing")
+    num_proc: int = opt(1, "processes encoding the corpus")
 
     def __post_init__(self) -> None:
         p = self._prefix
@@ -134,15 +142,15 @@ class OptimConfig(Section):
     """Optimizer, schedule (fairseq's inverse square root) and loss."""
 
     _prefix = "optim."
-    name: Literal["adam", "radam"] = "adam"
-    lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_norm: float = 0.0
-    warmup_updates: int = 4000
-    warmup_init_lr: float = 1e-7
-    label_smoothing: float = 0.1
+    name: Literal["adam", "radam"] = opt("adam", "adam (AdamW) or radam")
+    lr: float = opt(5e-4, "peak learning rate, reached after warmup")
+    betas: tuple[float, float] = opt((0.9, 0.98), "Adam betas")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.0, "decoupled weight decay")
+    clip_norm: float = opt(0.0, "clip the gradient norm to this (0: no clipping)")
+    warmup_updates: int = opt(4000, "linear warmup updates of the inverse-sqrt schedule")
+    warmup_init_lr: float = opt(1e-7, "learning rate at update 0")
+    label_smoothing: float = opt(0.1, "label smoothing epsilon")
 
     def __post_init__(self) -> None:
         p = self._prefix
@@ -160,29 +168,30 @@ class TrainConfig(Section):
     """The training loop: batching, length, precision, checkpoints, divergence and evaluation."""
 
     _prefix = "train."
-    out_dir: str = "runs/run"
-    seed: int = 1
-    max_tokens: int = 4096
-    update_freq: int = 1
-    max_epochs: int = 0
-    max_updates: int = 0
-    max_minutes: float = 0.0
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    compile: bool = False
-    diverge_loss: float = 30.0
-    diverge_patience: int = 5
-    save_every: int = 0
-    save_epochs: bool = True
-    keep_last: int = 5
-    valid_every: int = 0
-    log_every: int = 10
-    grad_norms_every: int = 0
-    tensorboard: bool = False
-    beam: int = 5
-    lenpen: float = 1.0
-    max_len_a: float = 1.2
-    max_len_b: int = 10
-    bleu_at_end: bool = True
+    out_dir: str = opt("runs/run", "run directory: config, tokenizer, metrics, checkpoints, evaluations")
+    seed: int = opt(1, "seed of init, dropout and batch order")
+    max_tokens: int = opt(4096, "tokens per batch per process, padding included")
+    update_freq: int = opt(1, "batches accumulated per update")
+    max_epochs: int = opt(0, "stop after this many epochs (0: no limit)")
+    max_updates: int = opt(0, "stop after this many updates (0: no limit)")
+    max_minutes: float = opt(0.0, "stop after this much training time (0: no limit)")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = opt("auto",
+                                                                "auto: bf16 on GPUs that support it, fp32 on CPU")
+    compile: bool = opt(False, "torch.compile the model (worth it on a GPU)")
+    diverge_loss: float = opt(30.0, "an update whose loss exceeds this (bits) is skipped")
+    diverge_patience: int = opt(5, "this many skipped updates in a row end the run as diverged")
+    save_every: int = opt(0, "checkpoint every N updates (0: only at epoch ends / the end)")
+    save_epochs: bool = opt(True, "checkpoint at the end of each epoch")
+    keep_last: int = opt(5, "update checkpoints kept (besides best); average --last N needs N <= this")
+    valid_every: int = opt(0, "validate every N updates (0: at epoch ends)")
+    log_every: int = opt(10, "progress-bar and log interval in updates")
+    grad_norms_every: int = opt(0, "log per-sub-layer gradient norms every N updates (0: never)")
+    tensorboard: bool = opt(False, "log to TensorBoard through accelerate (needs tensorboard installed)")
+    beam: int = opt(5, "beam size for evaluation and translation")
+    lenpen: float = opt(1.0, "length penalty: score / length^lenpen")
+    max_len_a: float = opt(1.2, "longest output: a * source length + b")
+    max_len_b: int = opt(10, "longest output: a * source length + b")
+    bleu_at_end: bool = opt(True, "translate the test split with the best checkpoint after training")
 
     def require_stop(self) -> None:
         """Training needs a stopping rule; checked when a run starts, so partial sections stay valid."""
