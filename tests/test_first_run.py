@@ -112,3 +112,61 @@ def test_config_command_lists_every_key_with_help_and_writes_a_starter_yaml(tmp_
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert "transformer-ln config" in capsys.readouterr().out
+
+
+def test_every_python_block_of_the_readme_runs():
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 4
+    for i, code in enumerate(blocks):
+        code = code.replace("2048", "128").replace("512", "64")  # tiny sizes, the same code
+        namespace: dict = {"__name__": f"readme_block_{i}"}
+        exec(compile(code, f"README.md python block {i + 1}", "exec"), namespace)
+    layer = namespace_of(blocks[0])["MyLayer"](16, 3)  # the first block defines a layer: it must run too
+    import torch
+    assert layer(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+
+
+def namespace_of(code: str) -> dict:
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    return ns
+
+
+def test_the_readme_walk_through_runs_as_written_on_the_built_in_corpus(tmp_path, monkeypatch, capsys):
+    """The README's bash block (data stats, train, evaluate, translate, average, analyze), line by line."""
+    import re
+    import shlex
+
+    from transformer_ln.cli import main as cli_main
+    from transformer_ln.config import DataConfig
+    from transformer_ln.data import load_corpus
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "runs/mine" in b)
+    corpus = load_corpus(DataConfig(synthetic_size=200))
+    for split, n in (("train", 200), ("valid", 20), ("test", 12)):
+        pairs = corpus[split][:n]
+        (tmp_path / f"{split}.de").write_text("".join(s + "\n" for s, _ in pairs))
+        (tmp_path / f"{split}.en").write_text("".join(t + "\n" for _, t in pairs))
+    monkeypatch.chdir(tmp_path)
+    env: dict = {}
+    tiny = SMALL + ["data.vocab_size=200", "train.max_updates=6", "train.save_every=1", "optim.warmup_updates=3"]
+    for line in block.strip().splitlines():
+        line = line.split("  #")[0].strip()
+        if re.match(r"^\w+=", line):  # FILES="..."
+            name, value = line.split("=", 1)
+            env[name] = shlex.split(value)[0]
+            continue
+        argv = shlex.split(re.sub(r"\$(\w+)", lambda m: env[m.group(1)], line))
+        assert argv[0] == "transformer-ln", line
+        argv = argv[1:] + (tiny if argv[1] == "train" else [])
+        assert cli_main(argv) == 0, line
+    out = capsys.readouterr().out
+    run = tmp_path / "runs/mine"
+    assert {p.name for p in run.glob("eval_*.json")} == {"eval_test_best.json", "eval_test_best_limit100.json",
+                                                         "eval_test_averaged.json"}
+    assert "optim.warmup_updates" in out and (run / "checkpoints/averaged").is_dir()
+    assert len([ln for ln in out.splitlines() if ln.startswith("test: BLEU")]) == 3

@@ -4,14 +4,14 @@ from .admin import admin_init
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_run_config
 from .errors import UserError
 from .layers import CrossAttention, FeedForward, SelfAttention
-from .model import DecoderLayer, EncoderLayer, Seq2SeqTransformer, init_weights
+from .model import DecoderCache, DecoderLayer, EncoderLayer, Seq2SeqTransformer, init_weights
 from .norms import NORMS, make_norm
 from .residual import SCHEMES, OmegaResidual, Residual, ResidualScheme, Sublayer, calculate_init, get_scheme
 from .rnn import LayerNormLSTM, LayerNormRNN
 
 __all__ = [
     "admin_init", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
-    "load_run_config", "UserError", "CrossAttention", "FeedForward", "SelfAttention", "DecoderLayer", "EncoderLayer",
-    "Seq2SeqTransformer", "init_weights", "SCHEMES", "OmegaResidual", "Residual", "ResidualScheme", "Sublayer",
+    "load_run_config", "UserError", "CrossAttention", "FeedForward", "SelfAttention", "DecoderCache", "DecoderLayer",
+    "EncoderLayer",     "Seq2SeqTransformer", "init_weights", "SCHEMES", "OmegaResidual", "Residual", "ResidualScheme", "Sublayer",
     "calculate_init", "get_scheme", "NORMS", "make_norm", "LayerNormLSTM", "LayerNormRNN",
 ]
