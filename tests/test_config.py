@@ -92,7 +92,8 @@ def _float_fields():
     for cls in (ModelConfig, DataConfig, OptimConfig, TrainConfig):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if hints[f.name] is float or typing.get_origin(hints[f.name]) is tuple:
+            tp = hints[f.name]
+            if tp is float or (typing.get_origin(tp) is tuple and float in typing.get_args(tp)):
                 yield cls._prefix + f.name
 
 

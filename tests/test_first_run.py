@@ -170,3 +170,21 @@ def test_the_readme_walk_through_runs_as_written_on_the_built_in_corpus(tmp_path
                                                          "eval_test_averaged.json"}
     assert "optim.warmup_updates" in out and (run / "checkpoints/averaged").is_dir()
     assert len([ln for ln in out.splitlines() if ln.startswith("test: BLEU")]) == 3
+
+
+def test_trackers_are_accelerates_and_a_missing_package_is_one_line(tmp_path):
+    import accelerate.tracking as tracking
+
+    from transformer_ln.config import TRACKERS, ConfigError
+    from transformer_ln.errors import UserError
+    from transformer_ln.trainer import trackers
+    from conftest import tiny_run_config
+
+    assert set(TRACKERS) == set(tracking.LOGGER_TYPE_TO_CLASS)
+    assert tiny_run_config(tmp_path, "train.trackers=tensorboard,wandb").train.trackers == ("tensorboard", "wandb")
+    with pytest.raises(ConfigError, match="train.trackers: got 'neptune'; allowed: aim"):
+        tiny_run_config(tmp_path, "train.trackers=[neptune]")
+    missing = next(n for n in TRACKERS if n not in tracking.get_available_trackers())
+    with pytest.raises(UserError, match=f"{missing} not installed \\(pip install {missing}\\)"):
+        trackers(tiny_run_config(tmp_path, f"train.trackers=[{missing}]").train)
+    assert trackers(tiny_run_config(tmp_path).train) == []

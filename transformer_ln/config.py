@@ -30,6 +30,8 @@ RESIDUALS = choices(ResidualName)
 ADMIN_OMEGAS = choices(AdminOmegaName)
 NORM_NAMES = choices(NormName)
 ACTIVATIONS = choices(ActivationName)
+# accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test keeps the two in step)
+TRACKERS = ("aim", "comet_ml", "mlflow", "tensorboard", "wandb", "clearml", "dvclive", "swanlab", "trackio")
 SEED_LIMIT = 2 ** 32  # numpy's and accelerate's set_seed accept 0 .. 2**32 - 1
 
 
@@ -186,7 +188,8 @@ class TrainConfig(Section):
     valid_every: int = opt(0, "validate every N updates (0: at epoch ends)")
     log_every: int = opt(10, "progress-bar and log interval in updates")
     grad_norms_every: int = opt(0, "log per-sub-layer gradient norms every N updates (0: never)")
-    tensorboard: bool = opt(False, "log to TensorBoard through accelerate (needs tensorboard installed)")
+    tensorboard: bool = opt(False, "shorthand for train.trackers=[tensorboard]")
+    trackers: tuple[str, ...] = opt((), "experiment trackers through accelerate, e.g. [tensorboard, wandb]; offline")
     beam: int = opt(5, "beam size for evaluation and translation")
     lenpen: float = opt(1.0, "length penalty: score / length^lenpen")
     max_len_a: float = opt(1.2, "longest output: a * source length + b")
@@ -206,6 +209,10 @@ class TrainConfig(Section):
                       "beam")
         self.non_negative("max_epochs", "max_updates", "max_minutes", "save_every", "valid_every",
                           "grad_norms_every", "max_len_a", "max_len_b")
+        bad = [t for t in self.trackers if t not in TRACKERS]
+        if bad:
+            raise ConfigError(f"{p}trackers: got {', '.join(map(repr, bad))}; allowed: {', '.join(TRACKERS)} "
+                              "(accelerate's trackers)")
         if not 0 <= self.seed < SEED_LIMIT:
             raise ConfigError(f"{p}seed: got {self.seed}, must lie in 0 .. {SEED_LIMIT - 1}")
 

@@ -47,6 +47,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: any length
+            return isinstance(value, (tuple, list)) and all(_type_ok(v, args[0]) for v in value)
         return isinstance(value, (tuple, list)) and len(value) == len(args) and all(
             _type_ok(v, a) for v, a in zip(value, args))
     return isinstance(value, tp)
@@ -61,7 +63,10 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if origin is tuple:
-        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return "a list of " + ", ".join(_type_name(a) for a in args)
     return getattr(tp, "__name__", str(tp))
 
 
@@ -73,6 +78,10 @@ def _coerce(value: Any, tp: Any) -> Any:
     """YAML 1.1 reads ``7e-4`` as a string and lists where we want tuples; an int is a valid float."""
     if typing.get_origin(tp) is tuple and isinstance(value, list):
         value = tuple(value)
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,) and isinstance(value, str):
+        value = tuple(v.strip() for v in value.split(",") if v.strip())  # "a,b" -> ("a", "b")
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,) and isinstance(value, tuple):
+        return value
     if _accepts_float(tp) and isinstance(value, str):
         try:
             value = float(value)

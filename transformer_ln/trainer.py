@@ -108,6 +108,24 @@ FSDP_UNSUPPORTED = (
     "plain DDP). Launch with `accelerate launch --multi_gpu` (DDP) instead.")
 
 
+def trackers(t) -> list[str]:
+    """accelerate trackers asked for by ``train.trackers`` (and ``train.tensorboard``), offline by default.
+
+    A tracker whose package is missing is one line before any work, not a failure deep in accelerate.
+    """
+    import accelerate.tracking as tracking
+
+    names = list(dict.fromkeys([*t.trackers, *(["tensorboard"] if t.tensorboard else [])]))
+    missing = [n for n in names if not getattr(tracking, f"is_{n}_available", lambda: False)()]
+    if missing:
+        raise UserError(f"train.trackers: {', '.join(missing)} not installed (pip install {' '.join(missing)}); "
+                        f"installed: {', '.join(tracking.get_available_trackers()) or 'none'}. Every run logs to "
+                        "metrics.jsonl anyway")
+    if "wandb" in names:
+        os.environ.setdefault("WANDB_MODE", "offline")  # offline unless the user says otherwise
+    return names
+
+
 class Trainer:
     """Owns the accelerator, model, optimizer, data and the loop; ``run()`` returns the summary dict."""
 
@@ -124,14 +142,7 @@ class Trainer:
         self.finished: Optional[str] = None
         device_hint = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
         mp = upd.resolve_mixed_precision(cfg.train.mixed_precision, device_hint)
-        log_with = None
-        if cfg.train.tensorboard:
-            try:
-                import tensorboard  # noqa: F401
-                log_with = "tensorboard"
-            except ImportError:
-                print("warning: train.tensorboard=true but tensorboard is not installed; logging to "
-                      "metrics.jsonl only", file=sys.stderr)
+        log_with = trackers(cfg.train) or None
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             raise UserError(FSDP_UNSUPPORTED)
         exit_when_launcher_dies()
@@ -189,7 +200,9 @@ class Trainer:
         train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.model, self.optimizer = acc.prepare(train_model, self.optimizer)
         if log_with and acc.is_main_process:
-            acc.init_trackers("transformer_ln", config={"residual": cfg.model.residual})
+            flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+            acc.init_trackers("transformer_ln", config={k: v for k, v in flat.items()
+                                                        if isinstance(v, (int, float, str, bool))})
         if cfg.train.grad_norms_every:
             from .diagnostics import GradNormCallback
             self.callbacks.append(GradNormCallback(cfg.train.grad_norms_every))
