@@ -188,3 +188,38 @@ def test_trackers_are_accelerates_and_a_missing_package_is_one_line(tmp_path):
     with pytest.raises(UserError, match=f"{missing} not installed \\(pip install {missing}\\)"):
         trackers(tiny_run_config(tmp_path, f"train.trackers=[{missing}]").train)
     assert trackers(tiny_run_config(tmp_path).train) == []
+
+
+def _fake_run(folder: Path, omega: bool) -> Path:
+    """A run directory as the trainer leaves it (metrics.jsonl, summary.json), written by hand."""
+    from transformer_ln.rundir import Summary
+
+    folder.mkdir(parents=True)
+    recs = [{"kind": "train", "update": u, "loss": 9.0 - u, "lr": 1e-4 * u, "grad_norm": 1.0 + u,
+             **({"omega_mean": 1.2, "omega_min": 1.0, "omega_max": 1.5} if omega else {})} for u in range(1, 6)]
+    recs += [{"kind": "valid", "update": 5, "loss": 4.5, "nll": 4.4}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    Summary(status="completed", updates=5, best_valid_loss=4.5, stopped="max_updates").save(folder / "summary.json")
+    return folder
+
+
+def test_curves_figure_reads_well_and_analyze_prints_its_numbers(tmp_path, capsys):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from transformer_ln.diagnostics.cli import main as analyze
+    from transformer_ln.plotting import curves_figure
+
+    plain, admin = _fake_run(tmp_path / "post_ln", False), _fake_run(tmp_path / "admin", True)
+    for runs, has_omega in (([plain], False), ([plain, admin], True)):
+        fig = curves_figure(runs)
+        FigureCanvasAgg(fig).draw()
+        shown = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+        assert all(ax.get_lines() for ax in shown)  # no empty panel
+        assert any("omega" in ax.get_title() for ax in shown) == has_omega
+        assert all("bits" in ax.get_ylabel() for ax in shown if "loss" in ax.get_ylabel())
+        box, (w, h) = fig.get_tightbbox(), fig.get_size_inches()
+        assert box.x0 >= -0.01 and box.y0 >= -0.01 and box.x1 <= w + 0.01 and box.y1 <= h + 0.01  # nothing clipped
+    assert analyze(["curves", str(plain), str(admin), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if ln.startswith("admin"))
+    assert row.split()[1:6] == ["completed", "max_updates", "5", "4.000", "4.500"]

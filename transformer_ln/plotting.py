@@ -211,15 +211,18 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
 
 
-def plot_curves(run_dirs: Iterable[str | Path], out: str | Path, dpi: int = 150) -> list[Path]:
-    """Overlay the training curves of several runs: train/valid loss, lr, grad norm and omega (min-mean-max).
+def curves_figure(run_dirs: Iterable[str | Path]):
+    """Overlay the training curves of several runs (a ``Figure``): train/valid loss in bits per token (base 2, as
+    the trainer logs them), lr, grad norm and, only when a run has one, Admin's omega (min-mean-max).
 
     A diverged run (``summary.json`` status "diverged") ends in a cross at its last logged point, labelled with
     the update where it stopped.
     """
     runs = [read_run(d) for d in run_dirs]
-    panels = [("train", "loss", "train loss"), ("valid", "loss", "valid loss"), ("train", "lr", "learning rate"),
-              ("train", "grad_norm", "gradient norm (before clipping)"), ("train", "omega_mean", "Admin omega")]
+    panels = [("train", "loss", "train loss (bits/token)"), ("valid", "loss", "valid loss (bits/token)"),
+              ("train", "lr", "learning rate"), ("train", "grad_norm", "gradient norm (before clipping)")]
+    if any(_series(run["train"], "omega_mean")[0] for run in runs):  # no empty panel for runs without Admin
+        panels.append(("train", "omega_mean", "Admin omega"))
     fig = _figure(13, 7.5)
     axes = fig.subplots(2, 3).ravel()
     colors = [f"C{i}" for i in range(10)]
@@ -246,12 +249,19 @@ def plot_curves(run_dirs: Iterable[str | Path], out: str | Path, dpi: int = 150)
         ys = np.concatenate([np.asarray(line.get_ydata(), float) for line in ax.get_lines()] or [np.ones(1)])
         if key in ("loss", "grad_norm") and ys.min() > 0 and ys.max() / ys.min() > 20:
             ax.set_yscale("log")  # a divergence spans decades
+    for ax in axes[len(panels):-1]:
+        ax.set_visible(False)
     axes[-1].axis("off")
     legend: dict[str, Any] = {}
-    for ax in axes[:-1]:
+    for ax in axes[:len(panels)]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, h)
     if legend:
         axes[-1].legend(list(legend.values()), list(legend), loc="center", title="run (x = diverged)")
     fig.suptitle("Training curves: " + ", ".join(r["name"] for r in runs))
-    return save(fig, out, dpi)
+    return fig
+
+
+def plot_curves(run_dirs: Iterable[str | Path], out: str | Path, dpi: int = 150) -> list[Path]:
+    """``curves_figure`` written as PNG and PDF."""
+    return save(curves_figure(run_dirs), out, dpi)

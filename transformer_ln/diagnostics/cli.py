@@ -220,7 +220,24 @@ def cmd_curves(args) -> list[Path]:
                         "n_valid": len(r["valid"]),
                         "last_train_loss": r["train"][-1].get("loss") if r["train"] else None}
                        for d, r in zip(args.runs, runs)]}
+    print(curves_table(record["runs"]))
     return [write_json(record, args.out / "curves.json"), *plot_curves(args.runs, args.out / "curves")]
+
+
+def curves_table(rows: list[dict]) -> str:
+    """The numbers behind the curves figure, one line per run (losses in bits per token)."""
+    def num(v, fmt="{:.3f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    width = max([len(r["name"]) for r in rows] + [3])
+    lines = [f"{'run'.ljust(width)}  {'status':<9} {'stopped':<11} {'updates':>7} {'last train':>10} "
+             f"{'best valid':>10}  (loss, bits/token)"]
+    for r in rows:
+        s = r["summary"]
+        lines.append(f"{r['name'].ljust(width)}  {s.get('status') or '-':<9} {s.get('stopped') or '-':<11} "
+                     f"{num(s.get('updates'), '{}'):>7} {num(r['last_train_loss']):>10} "
+                     f"{num(s.get('best_valid_loss')):>10}")
+    return "\n".join(lines)
 
 
 COMMANDS = {"dependency": cmd_dependency, "output-change": cmd_output_change, "gradients": cmd_gradients,
