@@ -223,3 +223,19 @@ def test_curves_figure_reads_well_and_analyze_prints_its_numbers(tmp_path, capsy
     out = capsys.readouterr().out
     row = next(ln for ln in out.splitlines() if ln.startswith("admin"))
     assert row.split()[1:6] == ["completed", "max_updates", "5", "4.000", "4.500"]
+
+
+def test_single_scheme_dependency_figure_keeps_its_title_inside(monkeypatch):
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    import transformer_ln.plotting as plotting
+
+    figures = []
+    monkeypatch.setattr(plotting, "save", lambda fig, out, dpi=150: figures.append(fig) or [])
+    rng = np.random.default_rng(0)
+    plotting.plot_dependency({"post_ln": {"encoder": rng.random((4, 5)), "decoder": rng.random((6, 7))}}, "unused")
+    fig = figures[-1]
+    FigureCanvasAgg(fig).draw()
+    box, (w, h) = fig.get_tightbbox(), fig.get_size_inches()
+    assert box.x0 >= -0.01 and box.y0 >= -0.01 and box.x1 <= w + 0.01 and box.y1 <= h + 0.01

@@ -80,7 +80,8 @@ def plot_dependency(betas: Mapping[str, Mapping[str, np.ndarray]], out: str | Pa
             axes[r0 * per_stack + k // cols, k % cols].set_visible(False)
     if image is not None:
         fig.colorbar(image, ax=axes, label=r"dependency $\beta_{i,j}$", shrink=0.6, extend=extend)
-    fig.suptitle(r"Residual-branch dependency $\beta_{i,j}$ (rows: unit norm; diagonal: own branch)")
+    sep = " " if cols > 2 else "\n"  # a narrow figure would clip the one-line title
+    fig.suptitle(r"Residual-branch dependency $\beta_{i,j}$" + sep + "(rows: unit norm; diagonal: own branch)")
     return save(fig, out, dpi)
 
 
