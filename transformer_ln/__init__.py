@@ -12,6 +12,7 @@ from .rnn import LayerNormLSTM, LayerNormRNN
 __all__ = [
     "admin_init", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
     "load_run_config", "UserError", "CrossAttention", "FeedForward", "SelfAttention", "DecoderCache", "DecoderLayer",
-    "EncoderLayer",     "Seq2SeqTransformer", "init_weights", "SCHEMES", "OmegaResidual", "Residual", "ResidualScheme", "Sublayer",
+    "EncoderLayer", "Seq2SeqTransformer", "init_weights", "SCHEMES", "OmegaResidual", "Residual", "ResidualScheme",
+    "Sublayer",
     "calculate_init", "get_scheme", "NORMS", "make_norm", "LayerNormLSTM", "LayerNormRNN",
 ]
