@@ -119,7 +119,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def resolve_config(items: list[str], demo: bool = False, resume_dir: str | Path | None = None) -> Resolved:
-    """The one config resolution of every command (``train``, ``data stats``, ``analyze``; ``evaluate`` reads the run's).
+    """The one config resolution of every command (``train``, ``data stats``, ``analyze``; ``evaluate`` reads
+    the run's own config).
 
     Layers, later ones winning: the library defaults (``RunConfig()``, the base recipe); the demo's settings
     (``config.DEMO``) only when there is no CONFIG and the data is the built-in corpus, or with ``demo=True``;

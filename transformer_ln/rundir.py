@@ -88,7 +88,7 @@ class RunDir:
         return self.path / f"hyps_{self.eval_stem(split, checkpoint, limit, beam, lenpen)}.txt"
 
     def find_eval(self, split: str = "test") -> Optional[Path]:
-        """The full evaluation of the best checkpoint (the run's headline score), or an older run's eval_<split>.json."""
+        """The full evaluation of the best checkpoint (the headline score), or an older run's eval_<split>.json."""
         for p in (self.eval_file(split), self.path / f"eval_{split}.json"):
             if p.is_file():
                 return p

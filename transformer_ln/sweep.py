@@ -2,7 +2,8 @@
 
 Each run is a separate ``transformer_ln.train`` process (optionally under ``accelerate launch``) writing into
 ``<out>/<name>/``; a run whose ``summary.json`` exists is finished and skipped, so a sweep can be rerun or resumed.
-``collect`` reads every run's ``summary.json`` and test evaluation (``eval_test_best.json``) into ``results.csv`` and ``results.md``.
+``collect`` reads every run's ``summary.json`` and test evaluation (``eval_test_best.json``) into ``results.csv``
+and ``results.md``.
 """
 from __future__ import annotations
 
