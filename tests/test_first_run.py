@@ -44,11 +44,13 @@ def test_files_run_without_config_uses_library_defaults_and_prints_where_setting
     assert resolve_config(files, demo=True).cfg.optim.warmup_updates == DEMO["optim"]["warmup_updates"]
 
     out = tmp_path / "run"
-    assert train_main([*files, *SMALL, f"train.out_dir={out}", "train.max_updates=2", "--cpu"]) == 0
+    assert train_main([*files, *SMALL, f"train.out_dir={out}", "train.max_minutes=0.0001", "--cpu"]) == 0
     printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())  # a time limit is recorded as such
+    assert summary["status"] == "completed" and summary["stopped"] == "max_minutes"
     assert "optim.warmup_updates  4000" in printed and "(default)" in printed and "(override)" in printed
     saved = RunConfig.load(out / "config.yaml")
-    assert (saved.optim.warmup_updates, saved.train.max_minutes, saved.train.keep_last) == (4000, 0.0, 5)
+    assert (saved.optim.warmup_updates, saved.train.max_epochs, saved.train.keep_last) == (4000, 10, 5)
     # `data stats` resolves the same way, so it describes the run `train` gives
     assert data_main(["stats", *files, *SMALL, "--json", str(tmp_path / "s.json")]) == 0
     stats = json.loads((tmp_path / "s.json").read_text())
@@ -56,40 +58,6 @@ def test_files_run_without_config_uses_library_defaults_and_prints_where_setting
     capsys.readouterr()
     assert data_main(["stats", "data.synthetic_size=200"]) == 0
     assert "model.max_positions=256" in capsys.readouterr().out  # the demo's, as `transformer-ln train` uses
-
-
-def test_a_time_limit_is_recorded_as_such(tmp_path):
-    from transformer_ln.train import Trainer
-    from conftest import tiny_run_config
-
-    summary = Trainer(tiny_run_config(tmp_path, "train.max_updates=0", "train.max_minutes=0.0001"), cpu=True,
-                      quiet=True).run()
-    assert summary["status"] == "completed" and summary["stopped"] == "max_minutes"
-    assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == "max_minutes"
-
-
-def test_evaluations_never_overwrite_each_other_and_results_lists_them(tmp_path):
-    import re
-
-    from transformer_ln.evaluate import evaluate_run
-    from transformer_ln.train import Trainer
-    from conftest import tiny_run_config
-
-    Trainer(tiny_run_config(tmp_path, "train.max_updates=2"), cpu=True, quiet=True).run()
-    full = evaluate_run(tmp_path, "test", "best", beam=1, limit=12)
-    evaluate_run(tmp_path, "test", "best", beam=1, limit=5)
-    evaluate_run(tmp_path, "valid", "last", beam=1, limit=5)
-    names = sorted(p.name for p in tmp_path.glob("eval_*.json"))
-    assert names == ["eval_test_best_limit12_beam1.json", "eval_test_best_limit5_beam1.json",
-                     "eval_valid_last_limit5_beam1.json"]
-    assert json.loads((tmp_path / names[0]).read_text())["n"] == full["n"] == 12  # the longer one is still there
-    assert all((tmp_path / n.replace("eval_", "hyps_").replace(".json", ".txt")).is_file() for n in names)
-    results = (tmp_path / "results.md").read_text()
-    assert all(n in results for n in names)
-    # the README's averaging example fits in what a default run keeps
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    last = max(int(n) for n in re.findall(r"average \S+ --last (\d+)", readme))
-    assert RunConfig().train.keep_last >= last and resolve_config([]).cfg.train.keep_last >= last
 
 
 def test_config_command_lists_every_key_with_help_and_writes_a_starter_yaml(tmp_path, capsys):
@@ -147,7 +115,7 @@ def test_the_readme_walk_through_runs_as_written_on_the_built_in_corpus(tmp_path
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "runs/mine" in b)
     corpus = load_corpus(DataConfig(synthetic_size=200))
-    for split, n in (("train", 200), ("valid", 20), ("test", 12)):
+    for split, n in (("train", 150), ("valid", 10), ("test", 6)):
         pairs = corpus[split][:n]
         (tmp_path / f"{split}.de").write_text("".join(s + "\n" for s, _ in pairs))
         (tmp_path / f"{split}.en").write_text("".join(t + "\n" for _, t in pairs))
@@ -170,6 +138,17 @@ def test_the_readme_walk_through_runs_as_written_on_the_built_in_corpus(tmp_path
                                                          "eval_test_averaged.json"}
     assert "optim.warmup_updates" in out and (run / "checkpoints/averaged").is_dir()
     assert len([ln for ln in out.splitlines() if ln.startswith("test: BLEU")]) == 3
+    # two evaluations with different limits (and a third checkpoint) left their own files, listed in results.md
+    limited = json.loads((run / "eval_test_best_limit100.json").read_text())
+    assert limited["limit"] == 100 and json.loads((run / "eval_test_best.json").read_text())["limit"] is None
+    assert all((run / n.replace("eval_", "hyps_").replace(".json", ".txt")).is_file() for n in
+               ("eval_test_best.json", "eval_test_best_limit100.json", "eval_test_averaged.json"))
+    results = (run / "results.md").read_text()
+    assert all(n in results for n in ("eval_test_best.json", "eval_test_best_limit100.json", "eval_test_averaged"))
+    # the README's averaging example fits in what a default run keeps (the run above kept 5 of 6 updates)
+    last = max(int(n) for n in re.findall(r"average \S+ --last (\d+)", readme))
+    assert RunConfig().train.keep_last >= last and resolve_config([]).cfg.train.keep_last >= last
+    assert len(list((run / "checkpoints").glob("update_*"))) == RunConfig().train.keep_last
 
 
 def test_trackers_are_accelerates_and_a_missing_package_is_one_line(tmp_path):
