@@ -218,3 +218,27 @@ def test_single_scheme_dependency_figure_keeps_its_title_inside(monkeypatch):
     FigureCanvasAgg(fig).draw()
     box, (w, h) = fig.get_tightbbox(), fig.get_size_inches()
     assert box.x0 >= -0.01 and box.y0 >= -0.01 and box.x1 <= w + 0.01 and box.y1 <= h + 0.01
+
+
+def test_bpe_markers_and_moses_entities_warn_and_data_unescape_removes_them(tmp_path, caplog):
+    import logging
+
+    from transformer_ln.config import DataConfig
+    from transformer_ln.data import load_corpus
+
+    marked = ["it&apos;s a sm@@ all dog .", "the c@@ at sees &quot; the house &quot; .", "an old man walks ."]
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.src").write_text("\n".join(marked) + "\n")
+        (tmp_path / f"{split}.tgt").write_text("\n".join("de " + m for m in marked) + "\n")
+    files = {f"{s}_{side}": str(tmp_path / f"{s}.{side}") for s in ("train", "valid") for side in ("src", "tgt")}
+    with caplog.at_level(logging.WARNING):
+        raw = load_corpus(DataConfig(source="files", **files))
+    assert "@@" in raw["train"][0][0]
+    text = caplog.text
+    assert "BPE '@@ ' markers" in text and "Moses-escaped entities" in text and "data.unescape=true" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        clean = load_corpus(DataConfig(source="files", unescape=True, **files))
+    assert clean["train"][0] == ("it's a small dog .", "de it's a small dog .")
+    assert clean["valid"][1][0] == 'the cat sees " the house " .'
+    assert not any("@@" in s or "&" in s for pair in clean["train"] for s in pair) and "markers" not in caplog.text

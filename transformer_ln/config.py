@@ -119,6 +119,7 @@ class DataConfig(Section):
     hub_name: Optional[str] = opt(None, "datasets hub name, e.g. wmt14 (offline: use local files)")
     hub_config: Optional[str] = opt(None, "datasets hub config, e.g. de-en")
     vocab_size: int = opt(8000, "joint BPE vocabulary trained on the training split")
+    unescape: bool = opt(False, "join BPE '@@ ' markers and unescape Moses entities (&apos;) before our BPE")
     tokenizer_sample: Optional[int] = opt(None, "train the BPE on at most this many pairs (a seeded sample)")
     cache_dir: Optional[str] = opt(None, "prepared data cached here, keyed by the settings (default RUN/cache)")
     prepared: Optional[str] = opt(None, "a directory from `transformer-ln data prepare`: read it, redo nothing")

@@ -19,6 +19,7 @@ from datasets import Dataset, Features, Value, concatenate_datasets
 
 from ..config import DataConfig
 from ..errors import UserError
+from . import hygiene
 from .synthetic import synthetic_splits
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def load_raw(data_cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple
         raw, origin = _load_hub(data_cfg, cache)
     else:  # DataConfig validates this already
         raise UserError(f"data.source: got {data_cfg.source!r}, allowed: 'synthetic', 'files', 'hub'")
+    if data_cfg.source != "synthetic":  # text tokenized for another toolkit: warn, or clean with data.unescape
+        raw = {k: hygiene.check(ds, f"{k} ({origin[k]})", data_cfg.unescape) for k, ds in raw.items()}
     return raw, origin
 
 
