@@ -2,6 +2,7 @@
 paper's trends at d_model 512, and the ``analyze`` command line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -17,6 +18,7 @@ from transformer_ln import ModelConfig, Seq2SeqTransformer, UserError
 from transformer_ln.diagnostics import (GradNormCallback, build_model, depth_sweep, fit, gradient_norms,
                                         output_change, random_batch, residual_dependency)
 from transformer_ln.diagnostics.cli import main as analyze
+from transformer_ln.diagnostics.output_change import definition as output_definition
 
 SCHEMES = ("post_ln", "pre_ln", "admin")
 D, H, V = 8, 2, 13
@@ -193,7 +195,7 @@ def test_output_change_matches_float64_hand_computation(residual):
     moved = {n: p - 1e-3 * grads[n].sign() if not (n.endswith("bias") or "norm" in n or "omega" in n) else p
              for n, p in P.items()}
     want_g = change(moved)
-    got_g = output_change(model, b["src"], b["tgt_in"], eps=1e-3, mode="grad_sign", tgt_out=b["tgt_out"])
+    got_g = output_change(model, b["src"], b["tgt_in"], eps=1e-3, perturbation="grad_sign", tgt_out=b["tgt_out"])
     for s in keep:
         assert got_g[s] == pytest.approx(want_g[s], rel=1e-7)
 
@@ -228,7 +230,7 @@ def test_output_change_zero_eps_and_parameters_untouched():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert output_change(model, b["src"], b["tgt_in"], eps=0.0) == {"encoder": 0.0, "decoder": 0.0}
     output_change(model, b["src"], b["tgt_in"], eps=1e-2, n_samples=2)
-    output_change(model, b["src"], b["tgt_in"], eps=1e-2, mode="grad_sign")
+    output_change(model, b["src"], b["tgt_in"], eps=1e-2, perturbation="grad_sign")
     residual_dependency(model, b["src"], b["tgt_in"])
     gradient_norms(model, b["src"], b["tgt_in"], b["tgt_out"])
     for n, p in model.named_parameters():
@@ -244,7 +246,7 @@ def test_no_hooks_remain_when_a_diagnostic_raises(diagnostic):
     too_long = torch.ones(2, 20, dtype=torch.long)  # longer than max_positions=16: raises in the decoder
     calls = {"dependency": lambda: residual_dependency(model, b["src"][:2], too_long),
              "output_change": lambda: output_change(model, b["src"][:2], too_long),
-             "grad_sign": lambda: output_change(model, b["src"][:2], too_long, mode="grad_sign"),
+             "grad_sign": lambda: output_change(model, b["src"][:2], too_long, perturbation="grad_sign"),
              "gradients": lambda: gradient_norms(model, b["src"][:2], too_long, too_long)}
     model.train()
     with pytest.raises(ValueError, match="max_positions"):
@@ -421,3 +423,177 @@ def test_cli_user_errors(argv, match, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=match):
         analyze(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# definitions: the reference's (Transformer-Clinic's plot_stability) against a float64 re-implementation
+
+
+def _dropout_mask(shape, p):
+    """What transformer_ln's CPU dropout draws: rand >= p, scaled by 1/(1-p) in float32."""
+    return torch.rand(shape).ge_(p).mul_(1.0 / (1.0 - p)).double()
+
+
+def hand_encoder_train(P, residual, src, positions, n_layers, p):
+    """Float64 encoder forward in train mode, dropout masks drawn in forward order (embedding, then each
+    sub-layer's output); returns the last sub-layer's output (before any final norm)."""
+    B, S = src.shape
+    allowed = src.ne(0)[:, None, None, :]
+    x = (P["encoder.embed.embed_tokens.weight"][src] * math.sqrt(D) + positions[:S]) * _dropout_mask((B, S, D), p)
+    for l in range(n_layers):
+        e = f"encoder.layers.{l}"
+        for name, branch in ((".self_attn", lambda h: _self_attn(h, P, e + ".self_attn.branch.", allowed)),
+                             (".ffn", lambda h: _ffn(h, P, e + ".ffn.branch."))):
+            prefix = e + name
+            h = _ln(x, P, prefix + ".pre_norm")[0] if residual == "pre_ln" else x
+            a = branch(h) * _dropout_mask((B, S, D), p)
+            x = x + a if residual == "pre_ln" else _ln(x + a, P, prefix + ".post_norm")[0]
+    return x
+
+
+def two_layer_model(residual, dropout=0.1, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(src_vocab_size=V, tgt_vocab_size=V, d_model=D, n_heads=H, d_ff=16, n_enc_layers=2,
+                      n_dec_layers=1, dropout=dropout, residual=residual, max_positions=16)
+    model = Seq2SeqTransformer(cfg)
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                prm.add_(0.3 * torch.randn_like(prm))
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("residual", ["pre_ln", "post_ln"])
+def test_reference_preset_matches_float64_reimplementation(residual):
+    """Unsquared L2 over the whole tensor (pads included) of the last encoder sub-layer's output, before the final
+    norm, both passes in train mode with their own dropout masks from one seeded stream."""
+    model, b = two_layer_model(residual), _batch()
+    P, pos, eps, seed = _params(model), model.encoder.embed.positions.double(), 1e-3, 7
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        base = hand_encoder_train(P, residual, b["src"], pos, 2, 0.1)
+        new = hand_encoder_train(_perturbed(model, P, eps, seed), residual, b["src"], pos, 2, 0.1)
+    want = (new - base).pow(2).sum().sqrt().item()
+    got = output_change(model, b["src"], b["tgt_in"], eps=eps, seed=seed, preset="reference")
+    assert list(got) == ["encoder"] and got["encoder"] == pytest.approx(want, rel=1e-9)
+    assert not model.training  # the flags come back
+
+
+def test_each_definition_option_moves_the_result_as_it_must():
+    b = _batch()
+    assert b["src"].eq(0).any()  # the fixture has padding
+    model = two_layer_model("pre_ln")
+
+    def oc(**kw):
+        return output_change(model, b["src"], b["tgt_in"], eps=1e-3, seed=3, **kw)
+    sq, l2 = oc(), oc(norm="l2")
+    for s in sq:
+        assert sq[s] == pytest.approx(l2[s] ** 2, rel=1e-12)
+    assert oc(padding="include")["encoder"] > sq["encoder"]  # pads move too
+    before = oc(read="before_final_norm")["encoder"]
+    assert before != pytest.approx(sq["encoder"], rel=1e-3)  # Pre-LN's final norm sits between the two reads
+    post = two_layer_model("post_ln")
+    same = [output_change(post, b["src"], b["tgt_in"], eps=1e-3, seed=3, read=r)["encoder"] for r in READ]
+    assert same[0] == same[1]  # no final norm: both reads are the same tensor
+    # train mode: fresh masks per pass leak dropout noise even with no perturbation; shared masks do not
+    assert output_change(model, b["src"], b["tgt_in"], eps=0.0, mode="train")["encoder"] > 0
+    assert output_change(model, b["src"], b["tgt_in"], eps=0.0, mode="train", masks="shared") == \
+        {"encoder": 0.0, "decoder": 0.0}
+    ref = oc(preset="reference")
+    assert ref == oc(norm="l2", read="before_final_norm", mode="train", padding="include", stacks=("encoder",))
+
+
+READ = ("stack_output", "before_final_norm")
+
+
+def test_perturbation_names_and_the_old_mode_argument():
+    model, b = hand_model("post_ln"), _batch()
+    default = output_change(model, b["src"], b["tgt_in"], perturbation="grad_sign", tgt_out=b["tgt_out"])
+    assert default == output_change(model, b["src"], b["tgt_in"], eps=1e-6, perturbation="grad_sign",
+                                    tgt_out=b["tgt_out"])  # the reference's step for its gradient mode
+    with pytest.warns(DeprecationWarning, match="perturbation"):
+        old = output_change(model, b["src"], b["tgt_in"], mode="grad_sign", tgt_out=b["tgt_out"])
+    assert old == default
+    with pytest.raises(ValueError, match="contradicts"):
+        output_change(model, b["src"], b["tgt_in"], mode="grad_sign", perturbation="random")
+    with pytest.raises(ValueError, match="preset"):
+        output_change(model, b["src"], b["tgt_in"], preset="paper")
+
+
+def test_train_mode_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(ModelConfig(src_vocab_size=V, tgt_vocab_size=V, d_model=D, n_heads=H, d_ff=16,
+                                           n_enc_layers=1, n_dec_layers=1, norm="batchnorm", max_positions=16))
+    before = {n: x.clone() for n, x in model.named_buffers()}
+    b = _batch()
+    output_change(model, b["src"], b["tgt_in"], mode="train")
+    assert all(torch.equal(x, before[n]) for n, x in model.named_buffers())
+
+
+def test_depth_sweep_with_seeds_reports_means_intervals_and_fits():
+    kw = dict(d_model=16, n_heads=2, vocab_size=30, batch_size=2, seq_len=6, progress=False, seeds=3)
+    sq, l2 = depth_sweep(["post_ln", "pre_ln"], depths=(1, 2, 3), **kw,
+                         definition=["ours", dataclasses.replace(output_definition("ours"), norm="l2")])
+    for r in ("post_ln", "pre_ln"):
+        res = sq["results"][r]
+        per_seed = np.array(res["per_seed"])
+        assert per_seed.shape == (3, 3) and len(set(per_seed[:, 0])) == 3  # the seeds differ
+        np.testing.assert_allclose(res["output_change"], per_seed.mean(0), rtol=1e-12)
+        lo, hi = np.array(res["ci95"]).T
+        assert np.all(lo <= per_seed) and np.all(per_seed <= hi) and np.all(lo < hi)
+        np.testing.assert_allclose(per_seed, np.array(l2["results"][r]["per_seed"]) ** 2, rtol=1e-12)  # same models
+        fs = res["fit_seeds"]
+        assert fs["seeds"] == 3 and fs["wins"]["linear"] + fs["wins"]["log"] == 3
+        assert fs["linear"]["r2_min"] <= fs["linear"]["r2_mean"] <= fs["linear"]["r2_max"]
+    assert sq["definition"]["norm"] == "squared" and l2["definition"]["text"].startswith("|ΔF|,")
+    one = depth_sweep(["pre_ln"], depths=(1, 2, 3), **{**kw, "seeds": 1})
+    assert one["results"]["pre_ln"]["per_seed"][0] == sq["results"]["pre_ln"]["per_seed"][0]  # seed 0 is seed 0
+
+
+def test_cli_reference_preset_with_seeds(tmp_path):
+    assert analyze(["output-change", "--out", str(tmp_path), *TINY, "model.residual=pre_ln", "--preset",
+                    "reference", "--seeds", "3"]) == 0
+    data = json.loads((tmp_path / "output_change.json").read_text())
+    assert data["definition"]["norm"] == "l2" and data["definition"]["mode"] == "train"
+    assert data["seeds"] == [0, 1, 2] and data["eps"] == 1e-4
+    vals = [r["encoder"] for r in data["per_seed"]["pre_ln"]]
+    lo, hi = data["ci95"]["pre_ln"]["encoder"]
+    assert lo <= min(vals) and max(vals) <= hi and data["results"]["pre_ln"]["encoder"] == pytest.approx(
+        np.mean(vals))
+    with pytest.raises(UserError, match="--perturbation grad_sign"):
+        analyze(["output-change", "--out", str(tmp_path), *TINY, "--mode", "grad_sign"])
+    assert analyze(["dependency", "--out", str(tmp_path), *TINY, "model.residual=post_ln", "--seeds", "2"]) == 0
+    dep = json.loads((tmp_path / "dependency.json").read_text())["results"]["post_ln"]["encoder"]
+    assert np.all(np.array(dep["ci95_low"]) <= np.array(dep["beta"]) + 1e-12)
+
+
+def test_admin_init_on_a_plain_stack_of_our_layers_equals_the_model_profile():
+    """The same layers profiled inside a Seq2SeqTransformer (encoder) and as an nn.Sequential of EncoderLayers."""
+    from torch import nn
+
+    from transformer_ln import EncoderLayer
+    from transformer_ln.admin import admin_init
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(src_vocab_size=V, tgt_vocab_size=V, d_model=D, n_heads=H, d_ff=16, n_enc_layers=3,
+                      n_dec_layers=1, dropout=0.0, residual="admin", max_positions=16)
+    model = Seq2SeqTransformer(cfg)
+    src = random_batch(V, batch_size=3, seq_len=6, seed=1, ragged=False)["src"]
+    want = admin_init(model, src, src)["encoder"]
+    stack = nn.Sequential(*model.encoder.layers)
+    with torch.no_grad():
+        for m in stack.modules():
+            if hasattr(m, "omega"):
+                m.omega.fill_(1.0)
+    x0 = model.encoder.embed(src)
+    got = admin_init(stack, x0)
+    assert list(got) == ["stack"] and got["stack"] == pytest.approx(want, rel=1e-6) and len(want) == 6
+    assert len(set(round(v, 6) for v in want)) == 6  # a real profile, not constants
+    with pytest.raises(ValueError, match="n_sublayers"):
+        EncoderLayer(D, H, 16, residual="admin", admin_omega="O(logn)")
+    with pytest.raises(ValueError, match="n_sublayers"):
+        from transformer_ln import DecoderLayer
+        DecoderLayer(D, H, 16, residual="admin", admin_omega="O(1)")
+    EncoderLayer(D, H, 16, residual="admin")  # profiled omega needs no size
+    assert EncoderLayer(D, H, 16, residual="admin", admin_omega="O(1)", depths=(6, 6)).ffn.residual.init_value == \
+        pytest.approx(math.sqrt(12))

@@ -55,7 +55,7 @@ def expected(scheme: str, x, sub: Sublayer, f):
 @pytest.mark.parametrize("kind", ["ffn", "self_attn"])
 def test_sublayer_equals_its_formula_in_float64(scheme, kind):
     torch.manual_seed(0)
-    layer = EncoderLayer(D, H, F, dropout=0.0, residual=scheme, admin_omega="O(logn)")
+    layer = EncoderLayer(D, H, F, dropout=0.0, residual=scheme, n_sublayers=12, admin_omega="O(logn)")
     randomize(layer)
     sub = getattr(layer, kind)
     x = torch.randn(3, 5, D)

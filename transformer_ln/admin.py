@@ -103,6 +103,9 @@ class Admin(ResidualScheme):
             raise ValueError(f"admin_omega: got {admin_omega!r}, allowed: {', '.join(map(repr, ADMIN_OMEGAS))}")
         self.admin_omega = admin_omega
 
+    def needs_stack_size(self) -> bool:
+        return self.admin_omega != "profile"  # the closed forms read n
+
     def residual(self, site: Site) -> OmegaResidual:
         init = 1.0 if self.admin_omega == "profile" else calculate_init(site.n_sublayers, self.admin_omega)
         return OmegaResidual(init, as_parameter=True, embed_dim=site.d_model)
@@ -137,48 +140,63 @@ def _stack_of(name: str) -> str:
 
 
 @torch.no_grad()
-def admin_init(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: int = 0,
-               train_mode: bool = True) -> dict[str, list[float]]:
+def admin_init(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor | None = None, seed: int = 0,
+               train_mode: bool = True, count_padding: bool = False,
+               keep: torch.Tensor | None = None) -> dict[str, list[float]]:
     """Profile omega for every Admin sub-layer on one batch and write it into the model.
 
     Args:
-        model: an (unwrapped) ``Seq2SeqTransformer`` with ``residual='admin'``.
+        model: an (unwrapped) ``Seq2SeqTransformer`` with ``residual='admin'``, called as ``model(src, tgt_in)``;
+            or, with ``tgt_in=None``, any module built from our Admin layers (an ``nn.Sequential`` of
+            ``EncoderLayer``s, your own stack), called as ``model(src)`` and profiled as one stack.
         src, tgt_in: one batch, int64 (B, S) and (B, T); the same batch on every process gives the same omega.
+            For a plain stack ``src`` is its input, e.g. float (B, T, D).
         seed: seeds the dropout masks of the profiling pass (the caller's RNG state is restored).
         train_mode: profile with dropout on (the reference) or off.
+        count_padding: let pad positions enter the variances, as the reference's ``np.var`` over the whole tensor.
+        keep: a plain stack's bool (B, T), True at real positions (default: every position counts).
     Returns:
-        ``{"encoder": [omega_1, ...], "decoder": [...]}``. No parameter other than omega changes.
+        ``{"encoder": [omega_1, ...], "decoder": [...]}``, or ``{"stack": [...]}`` for a plain stack. No parameter
+        other than omega changes.
     """
     residuals = [(n, m) for n, m in model.named_modules() if isinstance(m, OmegaResidual)]
     if not residuals:
-        raise ValueError("admin_init needs a model built with model.residual='admin'")
-    pad_id = model.cfg.pad_id
-    keep = {"encoder": src.ne(pad_id), "decoder": tgt_in.ne(pad_id)}
-    running = {"encoder": 1.0, "decoder": 1.0}
-    profile: dict[str, list[float]] = {"encoder": [], "decoder": []}
+        raise ValueError("admin_init needs a model built with model.residual='admin' (or Admin layers)")
+    if tgt_in is not None:
+        pad_id = model.cfg.pad_id
+        masks = {"encoder": src.ne(pad_id), "decoder": tgt_in.ne(pad_id)}
+        stack_of, inputs = _stack_of, (src, tgt_in)
+    else:
+        masks, inputs = {"stack": keep}, (src,)
+
+        def stack_of(name: str) -> str:
+            return "stack"
+    running = {s: 1.0 for s in masks}
+    profile: dict[str, list[float]] = {s: [] for s in masks}
 
     def make_hook(stack: str):
         def hook(module: OmegaResidual, inputs):
             x, a = inputs
             module.omega.fill_(running[stack])
             profile[stack].append(running[stack])
-            m = keep[stack]
+            m = slice(None) if count_padding or masks[stack] is None else masks[stack]
             var = (x * module.omega)[m].double().var(unbiased=False) + a[m].double().var(unbiased=False)
             running[stack] = math.sqrt(var.item())
         return hook
 
-    was_training = model.training
-    handles = [m.register_forward_pre_hook(make_hook(_stack_of(n))) for n, m in residuals]
+    flags = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(make_hook(stack_of(n))) for n, m in residuals]
     devices = [src.device] if src.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             model.train(train_mode)
-            model(src, tgt_in)
+            model(*inputs)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, flag in flags.items():
+            m.training = flag
     return profile
 
 

@@ -27,9 +27,12 @@ def _scheme(residual: str | ResidualScheme, options: dict) -> ResidualScheme:
 
 
 def _sites(stack: str, kinds: tuple[str, ...], layer_index: int, d_model: int, n_sublayers: int | None,
-           depths: tuple[int, int] | None) -> list[Site]:
+           depths: tuple[int, int] | None, scheme: ResidualScheme) -> list[Site]:
     """The ``Site`` of each sub-layer of layer ``layer_index``; ``depths`` = (encoder, decoder) layer counts."""
     per_layer = len(kinds)
+    if n_sublayers is None and depths is None and scheme.needs_stack_size():
+        raise ValueError(f"{scheme!r} computes its constants from the stack's number of residual sub-layers; give "
+                         f"n_sublayers= ({per_layer} per {stack} layer times the layers) or depths=(N, M)")
     if depths is None:  # a standalone layer: a symmetric model of n_sublayers / per_layer layers (1 if not given)
         n = max(1, (n_sublayers or per_layer) // per_layer)
         depths = (n, n)
@@ -63,7 +66,8 @@ class EncoderLayer(_Layer):
                  init: bool = True, **scheme_options):
         super().__init__()
         scheme = _scheme(residual, scheme_options)
-        s_attn, s_ffn = _sites("encoder", ("self_attn", "ffn"), layer_index, d_model, n_sublayers, depths)
+        s_attn, s_ffn = _sites("encoder", ("self_attn", "ffn"), layer_index, d_model, n_sublayers, depths,
+                                scheme)
         self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout), s_attn, dropout)
         self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation), s_ffn, dropout)
         self._finish(scheme, init)
@@ -93,7 +97,7 @@ class DecoderLayer(_Layer):
         super().__init__()
         scheme = _scheme(residual, scheme_options)
         s_self, s_cross, s_ffn = _sites("decoder", ("self_attn", "cross_attn", "ffn"), layer_index, d_model,
-                                        n_sublayers, depths)
+                                        n_sublayers, depths, scheme)
         self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout), s_self, dropout)
         self.cross_attn = scheme.build_sublayer(CrossAttention(d_model, n_heads, attn_dropout), s_cross, dropout)
         self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation), s_ffn, dropout)

@@ -40,9 +40,8 @@ def save(fig, out: str | Path, dpi: int = 150) -> list[Path]:
     return paths
 
 
-def plot_dependency(betas: Mapping[str, Mapping[str, np.ndarray]], out: str | Path,
-                    checkpoint: str = "init", dpi: int = 150, columns: int = 5) -> list[Path]:
-    """Heatmaps of beta_{i,j}: one panel per scheme and stack, one shared colour scale.
+def dependency_figure(betas: Mapping[str, Mapping[str, np.ndarray]], checkpoint: str = "init", columns: int = 5):
+    """Heatmaps of beta_{i,j}: one panel per scheme and stack, one shared colour scale (a ``Figure``).
 
     Schemes fill rows of at most ``columns`` panels; each stack gets its own block of rows (encoder first).
 
@@ -82,66 +81,122 @@ def plot_dependency(betas: Mapping[str, Mapping[str, np.ndarray]], out: str | Pa
         fig.colorbar(image, ax=axes, label=r"dependency $\beta_{i,j}$", shrink=0.6, extend=extend)
     sep = " " if cols > 2 else "\n"  # a narrow figure would clip the one-line title
     fig.suptitle(r"Residual-branch dependency $\beta_{i,j}$" + sep + "(rows: unit norm; diagonal: own branch)")
-    return save(fig, out, dpi)
+    return fig
 
 
-def plot_output_change(sweep: Mapping[str, Any], out: str | Path, checkpoint: str = "init",
-                       dpi: int = 150) -> list[Path]:
-    """Output change against encoder sub-layers N: all schemes on linear x; on log x the schemes whose better fit
-    is a*log(N)+b (they fall on a straight line there). Each scheme's better fit is dashed."""
-    results = sweep["results"]
-    cfg = sweep.get("config", {})
-    log_like = [k for k, r in results.items() if r.get("fit") and r["fit"]["better"] == "log"] or list(results)
-    fig = _figure(13, 4.2 if len(results) <= 4 else 6.5)
-    axes = fig.subplots(1, 2)
-    for scheme, r in results.items():
-        n, y = np.asarray(r["sublayers"], float), np.asarray(r["output_change"], float)
-        color = SCHEME_COLORS.get(scheme)
-        label = scheme_label(scheme)
-        f = r.get("fit")
-        if f:
-            best = f[f["better"]]
-            label += f" (better fit: {'a·N+b' if f['better'] == 'linear' else 'a·log N+b'}, R²={best['r2']:.3f})"
-        for ax in (axes[0], axes[1]) if scheme in log_like else (axes[0],):
-            ax.plot(n, y, "o-", color=color, label=label)
-            if f:
-                grid = np.linspace(n.min(), n.max(), 200)
-                x = grid if f["better"] == "linear" else np.log(grid)
-                ax.plot(grid, best["a"] * x + best["b"], "--", color=color, alpha=0.6)
-    for ax, scale in zip(axes, ("linear", "log")):
-        ax.set_xscale(scale)
-        ax.set_xlabel("encoder sub-layers N (2 per layer)" + (", log scale" if scale == "log" else ""))
-        ax.set_ylabel(r"$|F(x,W) - F(x,W^*)|_2^2$")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7 if len(results) > 4 else 8)
-    axes[0].set_title("all schemes, linear x")
-    axes[1].set_title(f"log x: {', '.join(scheme_label(k) for k in log_like)}")
-    detail = f"d_model={cfg.get('d_model', '?')}, eps={cfg.get('eps', '?')}, {cfg.get('n_tokens', '?')} tokens"
-    fig.suptitle(f"Encoder output change under a random ±eps weight perturbation ({checkpoint}; {detail})")
-    return save(fig, out, dpi)
+def plot_dependency(betas: Mapping[str, Mapping[str, np.ndarray]], out: str | Path,
+                    checkpoint: str = "init", dpi: int = 150, columns: int = 5) -> list[Path]:
+    """``dependency_figure`` written as PNG and PDF."""
+    return save(dependency_figure(betas, checkpoint, columns), out, dpi)
+
+
+def change_label(definition: Mapping[str, Any] | None) -> str:
+    """The y-axis label of an output change: squared or plain L2 norm, as the definition says."""
+    squared = (definition or {}).get("norm", "squared") == "squared"
+    return r"$|F(x,W) - F(x,W^*)|_2^2$" if squared else r"$|F(x,W) - F(x,W^*)|_2$"
+
+
+def _fit_note(r: Mapping[str, Any]) -> str:
+    """'log fits better in 5/5 seeds (R² lin 0.91±0.02, log 0.99±0.00)' or, with one seed, the fit on the curve."""
+    seeds = r.get("fit_seeds")
+    if seeds and seeds.get("seeds", 1) > 1:
+        win = max(("linear", "log"), key=lambda k: seeds["wins"][k])
+        return (f"{'a·N+b' if win == 'linear' else 'a·log N+b'} better in {seeds['wins'][win]}/{seeds['seeds']} "
+                f"seeds; R² lin {seeds['linear']['r2_mean']:.3f}±{seeds['linear']['r2_sd']:.3f}, "
+                f"log {seeds['log']['r2_mean']:.3f}±{seeds['log']['r2_sd']:.3f}")
+    f = r.get("fit")
+    if not f:
+        return ""
+    best = f[f["better"]]
+    return f"better fit: {'a·N+b' if f['better'] == 'linear' else 'a·log N+b'}, R²={best['r2']:.3f}"
+
+
+def output_change_figure(sweeps: Mapping[str, Any] | list[Mapping[str, Any]], checkpoint: str = "init"):
+    """Output change against encoder sub-layers N, one column per sweep (definition): all schemes on linear x
+    (top), and on log x (bottom) the schemes whose better fit is a*log(N)+b (straight lines there). Lines are the
+    means over seeds, bands their 95% intervals, dashes each scheme's better fit to the means."""
+    sweeps = [sweeps] if isinstance(sweeps, Mapping) else list(sweeps)
+    n_schemes = max(len(sw["results"]) for sw in sweeps)
+    fig = _figure(6.8 * len(sweeps), 8.5 if n_schemes <= 4 else 11)
+    axes = fig.subplots(2, len(sweeps), squeeze=False)
+    for col, sweep in enumerate(sweeps):
+        results, cfg, defn = sweep["results"], sweep.get("config", {}), sweep.get("definition", {})
+        log_like = [k for k, r in results.items() if r.get("fit") and r["fit"]["better"] == "log"] or list(results)
+        top, bottom = axes[0, col], axes[1, col]
+        for scheme, r in results.items():
+            n, y = np.asarray(r["sublayers"], float), np.asarray(r["output_change"], float)
+            color = SCHEME_COLORS.get(scheme)
+            note = _fit_note(r)
+            label = scheme_label(scheme) + (f" ({note})" if note else "")
+            f = r.get("fit")
+            for ax in (top, bottom) if scheme in log_like else (top,):
+                ax.plot(n, y, "o-", ms=3, color=color, label=label)
+                if r.get("ci95") and cfg.get("seeds", 1) > 1:
+                    lo, hi = np.asarray(r["ci95"], float).T
+                    ax.fill_between(n, lo, hi, color=color, alpha=0.2, linewidth=0)
+                if f:
+                    best = f[f["better"]]
+                    grid = np.linspace(n.min(), n.max(), 200)
+                    x = grid if f["better"] == "linear" else np.log(grid)
+                    ax.plot(grid, best["a"] * x + best["b"], "--", color=color, alpha=0.6)
+        for ax, scale in ((top, "linear"), (bottom, "log")):
+            ax.set_xscale(scale)
+            ax.set_xlabel("encoder sub-layers N (2 per layer)" + (", log scale" if scale == "log" else ""))
+            ax.set_ylabel(change_label(defn))
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=6.5 if len(results) > 4 else 7.5)
+        name = defn.get("text", "|ΔF|², stack output, eval mode, pads skipped")
+        seeds = cfg.get("seeds", 1)
+        top.set_title(f"{name}\n{seeds} seed{'s' if seeds > 1 else ''}, band = 95% interval; linear x", fontsize=9)
+        bottom.set_title("log x: " + ", ".join(scheme_label(k) for k in log_like), fontsize=9)
+    cfg = sweeps[0].get("config", {})
+    detail = (f"d_model={cfg.get('d_model', '?')}, eps={cfg.get('eps', '?')}, {cfg.get('n_tokens', '?')} tokens, "
+              f"{cfg.get('perturbation', 'random')} perturbation")
+    fig.suptitle(f"Encoder output change under a ±eps weight perturbation ({checkpoint}; {detail})")
+    return fig
+
+
+def plot_output_change(sweeps: Mapping[str, Any] | list[Mapping[str, Any]], out: str | Path,
+                       checkpoint: str = "init", dpi: int = 150) -> list[Path]:
+    """``output_change_figure`` written as PNG and PDF."""
+    return save(output_change_figure(sweeps, checkpoint), out, dpi)
+
+
+def output_change_bars_figure(changes: Mapping[str, Mapping[str, float]], checkpoint: str = "init",
+                              ci95: Mapping[str, Mapping[str, list[float]]] | None = None,
+                              definition: str = "|ΔF|², stack output, eval mode, pads skipped"):
+    """Bars of the output change per scheme and stack (a single model each), 95% intervals as error bars."""
+    schemes = list(changes)
+    stacks = [s for s in ("encoder", "decoder") if any(s in changes[k] for k in schemes)]
+    fig = _figure(max(4.5, 2.2 * len(schemes)), 3.8)
+    ax = fig.subplots()
+    width = 0.8 / len(stacks)
+    x = np.arange(len(schemes))
+    for k, stack in enumerate(stacks):
+        vals = np.array([changes[s].get(stack, np.nan) for s in schemes], float)
+        err = None
+        if ci95:
+            lo = np.array([ci95[s][stack][0] for s in schemes], float)
+            hi = np.array([ci95[s][stack][1] for s in schemes], float)
+            err = np.stack([vals - lo, hi - vals])
+        ax.bar(x + (k - (len(stacks) - 1) / 2) * width, vals, width, yerr=err, capsize=3, label=stack)
+    ax.set_xticks(x, [scheme_label(s) for s in schemes])
+    ax.set_ylabel(change_label({"norm": "l2" if definition.startswith("|ΔF|,") else "squared"}))
+    ax.set_xlabel("residual scheme")
+    ax.legend()
+    ax.set_title(f"Output change per stack ({checkpoint})\n{definition}", fontsize=9)
+    return fig
 
 
 def plot_output_change_bars(changes: Mapping[str, Mapping[str, float]], out: str | Path,
-                            checkpoint: str = "init", dpi: int = 150) -> list[Path]:
-    """Bars of the encoder and decoder output change per scheme (a single model each, no depth sweep)."""
-    schemes = list(changes)
-    fig = _figure(max(4.5, 2.2 * len(schemes)), 3.8)
-    ax = fig.subplots()
-    width = 0.38
-    x = np.arange(len(schemes))
-    for k, stack in enumerate(("encoder", "decoder")):
-        vals = [changes[s].get(stack, np.nan) for s in schemes]
-        ax.bar(x + (k - 0.5) * width, vals, width, label=stack)
-    ax.set_xticks(x, [scheme_label(s) for s in schemes])
-    ax.set_ylabel(r"$|F(x,W) - F(x,W^*)|_2^2$")
-    ax.set_xlabel("residual scheme")
-    ax.legend()
-    ax.set_title(f"Output change per stack ({checkpoint})")
-    return save(fig, out, dpi)
+                            checkpoint: str = "init", dpi: int = 150,
+                            ci95: Mapping[str, Mapping[str, list[float]]] | None = None,
+                            definition: str = "|ΔF|², stack output, eval mode, pads skipped") -> list[Path]:
+    """``output_change_bars_figure`` written as PNG and PDF."""
+    return save(output_change_bars_figure(changes, checkpoint, ci95, definition), out, dpi)
 
 
-def plot_grad_norms(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], out: str | Path,
-                    checkpoint: str = "init", dpi: int = 150) -> list[Path]:
+def grad_norms_figure(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], checkpoint: str = "init"):
     """Relative gradient norms per sub-layer (log y): rows = output / parameter gradients, columns = stacks.
 
     Args:
@@ -174,7 +229,13 @@ def plot_grad_norms(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], out: s
     axes[0, 0].legend()
     names = ", ".join(scheme_label(s) for s in norms)
     fig.suptitle(f"Relative gradient norms, each divided by the largest in the same network ({names})")
-    return save(fig, out, dpi)
+    return fig
+
+
+def plot_grad_norms(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], out: str | Path,
+                    checkpoint: str = "init", dpi: int = 150) -> list[Path]:
+    """``grad_norms_figure`` written as PNG and PDF."""
+    return save(grad_norms_figure(norms, checkpoint), out, dpi)
 
 
 # ---------------------------------------------------------------------------------------------------------------

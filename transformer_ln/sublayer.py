@@ -137,6 +137,10 @@ class ResidualScheme:
     def _slot(self, enabled: bool, d_model: int) -> nn.Module | None:
         return self.make_norm(d_model) if enabled and self.has_norms else None
 
+    def needs_stack_size(self) -> bool:
+        """True when a sub-layer's constants come from its stack's size (a standalone layer must be told it)."""
+        return False
+
     def residual(self, site: Site) -> nn.Module:
         """The module that combines shortcut and branch at ``site``."""
         return Residual()

@@ -3,6 +3,9 @@
 A model comes either from a run directory (``--run DIR``, its best checkpoint) or is freshly initialised from the
 default config plus dotted overrides (``model.n_enc_layers=6 model.residual=admin``); Admin with profiled omega is
 profiled on the measurement batch first. Batches are random tokens with a fixed seed, so numbers are reproducible.
+``--seeds K`` repeats a measurement with seeds seed..seed+K-1 (model init, perturbation, dropout) and reports the
+mean and its 95% interval; ``output-change`` states its definition (``--preset ours|reference`` and the options that
+override it) in the JSON and the figure.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from ..cli import Parser, add_config_arguments, config_from_arguments
 from ..config import RESIDUALS, ModelConfig
 from ..errors import UserError
 from ..rundir import RunDir
+from .output_change import DEFAULT_EPS, MASKS, NORMS, PADDINGS, PERTURBATIONS, PRESETS, READS, Definition, definition
 
 FIELDS_SET_BY_SWEEP = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
                        "n_dec_layers", "residual")
@@ -48,7 +52,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 HELP = {"dependency": "residual-branch dependency beta_{i,j} heatmaps",
-        "output-change": "|F(x,W)-F(x,W*)|^2 under a small weight perturbation (--depths: sweep over depth)",
+        "output-change": "|F(x,W)-F(x,W*)| under a small weight perturbation (--depths: sweep over depth)",
         "gradients": "relative gradient norms per sub-layer",
         "curves": "overlay the training curves of run directories"}
 
@@ -61,11 +65,26 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, required=True, help="folder for the JSON and the figures")
         return p
     _common(p)
+    if command in ("dependency", "output-change"):
+        p.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+K-1 (model init, "
+                       "perturbation, dropout) and report the mean and its 95%% interval (default 1)")
     if command == "output-change":
         p.add_argument("--depths", type=_csv(int), help="encoder layer counts for a depth sweep, e.g. 1,2,4,8,16")
-        p.add_argument("--eps", type=float, default=1e-4, help="perturbation size per weight (default 1e-4)")
-        p.add_argument("--mode", choices=("random", "grad_sign"), default="random")
+        p.add_argument("--eps", type=float, help="perturbation size per weight (default: the reference's, 1e-4 "
+                                                  "random, 1e-6 grad_sign)")
+        p.add_argument("--perturbation", choices=PERTURBATIONS, default="random",
+                       help="random signs (default) or the sign of the gradient (Adam's first step)")
         p.add_argument("--samples", type=int, default=1, help="random perturbations averaged (default 1)")
+        p.add_argument("--preset", choices=tuple(PRESETS), default="ours",
+                       help="ours: squared norm, stack output, eval mode, pads skipped, both stacks; reference: "
+                            "Transformer-Clinic's plot_stability (l2, before the final norm, train mode, pads "
+                            "included, encoder)")
+        p.add_argument("--norm", choices=NORMS, help="override the preset's norm")
+        p.add_argument("--read", choices=READS, help="override where F is read")
+        p.add_argument("--mode", help="override the preset's mode: eval or train (dropout on)")
+        p.add_argument("--padding", choices=PADDINGS, help="override whether pad positions count")
+        p.add_argument("--masks", choices=MASKS, help="train mode: fresh dropout masks per pass (the reference) or "
+                                                      "shared ones (dropout on, its noise cancels)")
     return p
 
 
@@ -106,12 +125,22 @@ def _batch(args, cfg: ModelConfig, device) -> dict[str, torch.Tensor]:
     return random_batch(vocab, args.batch_size, args.seq_len, cfg.pad_id, args.seed, device=device)
 
 
-def models(args):
-    """Yield ``(label, scheme, model, batch, checkpoint)``: the run's checkpoint, or one fresh model per scheme."""
+def _seeds(args) -> list[int]:
+    if args.seeds < 1:
+        raise UserError(f"--seeds: got {args.seeds}, need at least 1")
+    return [args.seed + k for k in range(args.seeds)]
+
+
+def models(args, seed: int | None = None):
+    """Yield ``(label, scheme, model, batch, checkpoint)``: the run's checkpoint, or one fresh model per scheme.
+
+    ``seed`` (default ``--seed``) seeds a fresh model's init and calibration; the batch always comes from ``--seed``.
+    """
     from tqdm.auto import tqdm
 
     from ..model import Seq2SeqTransformer
 
+    seed = args.seed if seed is None else seed
     if args.run is not None:
         if args.overrides or args.residuals:
             raise UserError("--run analyses a trained model; drop the overrides / --residuals (they are for fresh "
@@ -129,10 +158,20 @@ def models(args):
     for scheme in tqdm(schemes, desc="schemes", disable=len(schemes) < 2):
         mcfg = dataclasses.replace(cfg, residual=scheme)
         batch = _batch(args, mcfg, "cpu")
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         model = Seq2SeqTransformer(mcfg)
-        model.scheme.calibrate(model, batch["src"], batch["tgt_in"], seed=args.seed)
+        model.scheme.calibrate(model, batch["src"], batch["tgt_in"], seed=seed)
         yield scheme, scheme, model.eval(), batch, "init"
+
+
+def _definition(args) -> Definition:
+    if args.mode in ("random", "grad_sign"):
+        raise UserError(f"--mode {args.mode}: --mode is now eval or train; the perturbation kind is "
+                        f"--perturbation {args.mode}")
+    if args.mode not in (None, "eval", "train"):
+        raise UserError(f"--mode: got {args.mode!r}, allowed: eval, train")
+    return definition(args.preset, norm=args.norm, read=args.read, mode=args.mode, padding=args.padding,
+                      masks=args.masks)
 
 
 def _to_json(obj: Any) -> Any:
@@ -162,21 +201,37 @@ def _report(paths: list[Path]) -> None:
 
 def cmd_dependency(args) -> list[Path]:
     from ..plotting import plot_dependency
+    from .depth_sweep import mean_ci95
     from .dependency import residual_dependency
 
-    betas, checkpoint = {}, "init"
-    for label, _, model, batch, checkpoint in models(args):
-        betas[label] = residual_dependency(model, batch["src"], batch["tgt_in"])
-    record = {"checkpoint": checkpoint, "results": {k: {**v, "diagonal": {s: np.diagonal(b, 1) for s, b in v.items()}}
-                                                     for k, v in betas.items()}}
-    return [write_json(record, args.out / "dependency.json"),
-            *plot_dependency(betas, args.out / "dependency", checkpoint)]
+    runs: dict[str, list] = {}
+    checkpoint = "init"
+    for seed in _seeds(args):
+        for label, _, model, batch, checkpoint in models(args, seed):
+            runs.setdefault(label, []).append(residual_dependency(model, batch["src"], batch["tgt_in"]))
+    betas, results = {}, {}
+    for label, per_seed in runs.items():
+        betas[label], results[label] = {}, {}
+        for stack in per_seed[0]:
+            stacked = np.stack([b[stack] for b in per_seed])  # (seeds, n, n+1)
+            stats = np.apply_along_axis(lambda v: np.array(mean_ci95(v)), 0, stacked)  # (3, n, n+1)
+            betas[label][stack] = stats[0]
+            diag = [mean_ci95(col) for col in np.diagonal(stacked, 1, axis1=1, axis2=2).T]
+            results[label][stack] = {"beta": stats[0], "ci95_low": stats[1], "ci95_high": stats[2],
+                                     "diagonal": [d[0] for d in diag], "diagonal_ci95": [[d[1], d[2]] for d in diag]}
+    record = {"checkpoint": checkpoint, "seeds": _seeds(args), "results": results}
+    title = checkpoint if args.seeds == 1 else f"{checkpoint}, mean of {args.seeds} seeds"
+    return [write_json(record, args.out / "dependency.json"), *plot_dependency(betas, args.out / "dependency", title)]
 
 
 def cmd_output_change(args) -> list[Path]:
     from ..plotting import plot_output_change, plot_output_change_bars
+    from .depth_sweep import mean_ci95
     from .output_change import output_change
 
+    defn = _definition(args)
+    if args.eps is None:
+        args.eps = DEFAULT_EPS[args.perturbation]
     if args.depths:
         if args.run is not None:
             raise UserError("--depths sweeps freshly initialised encoders; it cannot be combined with --run")
@@ -186,16 +241,27 @@ def cmd_output_change(args) -> list[Path]:
         extra = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FIELDS_SET_BY_SWEEP}
         sweep = depth_sweep(schemes, args.depths, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
                             vocab_size=cfg.src_vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
-                            eps=args.eps, mode=args.mode, n_samples=args.samples, seed=args.seed, **extra)
+                            eps=args.eps, perturbation=args.perturbation, n_samples=args.samples, seed=args.seed,
+                            seeds=args.seeds, definition=defn, **extra)
         return [write_json(sweep, args.out / "output_change.json"),
                 *plot_output_change(sweep, args.out / "output_change")]
-    changes, checkpoint = {}, "init"
-    for label, _, model, batch, checkpoint in models(args):
-        changes[label] = output_change(model, batch["src"], batch["tgt_in"], eps=args.eps, mode=args.mode,
-                                       n_samples=args.samples, seed=args.seed, tgt_out=batch["tgt_out"])
-    record = {"checkpoint": checkpoint, "eps": args.eps, "mode": args.mode, "results": changes}
+    per_seed: dict[str, list[dict[str, float]]] = {}
+    checkpoint = "init"
+    for seed in _seeds(args):
+        for label, _, model, batch, checkpoint in models(args, seed):
+            per_seed.setdefault(label, []).append(
+                output_change(model, batch["src"], batch["tgt_in"], eps=args.eps, perturbation=args.perturbation,
+                              n_samples=args.samples, seed=seed, tgt_out=batch["tgt_out"], preset=defn))
+    changes, ci95 = {}, {}
+    for label, rows in per_seed.items():
+        stats = {s: mean_ci95(r[s] for r in rows) for s in rows[0]}
+        changes[label] = {s: v[0] for s, v in stats.items()}
+        ci95[label] = {s: [v[1], v[2]] for s, v in stats.items()}
+    record = {"checkpoint": checkpoint, "definition": defn.as_dict(), "perturbation": args.perturbation,
+              "eps": args.eps, "seeds": _seeds(args), "results": changes, "ci95": ci95, "per_seed": per_seed}
     return [write_json(record, args.out / "output_change.json"),
-            *plot_output_change_bars(changes, args.out / "output_change", checkpoint)]
+            *plot_output_change_bars(changes, args.out / "output_change", checkpoint, ci95=ci95,
+                                     definition=defn.describe())]
 
 
 def cmd_gradients(args) -> list[Path]:

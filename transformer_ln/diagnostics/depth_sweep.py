@@ -1,9 +1,11 @@
 """Output change at initialisation against depth: the paper's O(N) (Post-LN) versus O(log N) (Pre-LN, Admin).
 
-For each scheme and encoder depth L (N = 2L sub-layers) a fresh model is built with a fixed seed and calibrated by
-its scheme (Admin's omega profiled by ``admin_init``, dropout on, as the reference), and ``output_change`` is
-measured on the encoder in eval mode. Both y = a*N + b and y = a*log(N) + b are fitted by least squares; the one
-with the higher R^2 "fits better".
+For each scheme, encoder depth L (N = 2L sub-layers) and seed k a fresh model is built (init seed ``seed + k``),
+calibrated by its scheme (Admin's omega profiled by ``admin_init``, dropout on, as the reference), and
+``output_change`` is measured on the encoder under a ``Definition`` (perturbation and dropout seeded by
+``seed + k`` too). Per depth: the mean over seeds and its 95% interval (Student t). Both y = a*N + b and
+y = a*log(N) + b are fitted by least squares, to the means and to every seed's curve; the report gives each
+fit's R^2 (on the means, and mean/sd/min/max over seeds) and in how many seeds each fit wins (higher R^2).
 """
 from __future__ import annotations
 
@@ -17,7 +19,23 @@ from ..config import ModelConfig
 from ..model import Seq2SeqTransformer
 from ..residual import SCHEMES
 from .batch import random_batch
-from .output_change import output_change
+from .output_change import DEFAULT_EPS, PERTURBATIONS, Definition, output_change
+from .output_change import definition as make_definition
+
+# two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_ci95(values: Iterable[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the t-interval of the mean; a single value gives a zero-width interval."""
+    v = np.asarray(list(values), float)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, m, m
+    t = _T975[len(v) - 2] if len(v) - 1 <= len(_T975) else 1.96
+    half = t * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return m, m - half, m + half
 
 
 def fit(n: Iterable[float], y: Iterable[float]) -> dict[str, dict[str, float] | str]:
@@ -31,6 +49,17 @@ def fit(n: Iterable[float], y: Iterable[float]) -> dict[str, dict[str, float] | 
         rss = float(((A @ np.array([a, b]) - y) ** 2).sum())
         out[kind] = {"a": float(a), "b": float(b), "rss": rss, "r2": 1.0 - rss / tss if tss > 0 else 1.0}
     out["better"] = "linear" if out["linear"]["r2"] > out["log"]["r2"] else "log"
+    return out
+
+
+def fit_over_seeds(n: list[int], per_seed: list[list[float]]) -> dict:
+    """Each seed's fit summarised: R^2 of both fits (mean, sd, min, max) and how many seeds each fit wins."""
+    fits = [fit(n, y) for y in per_seed]
+    out: dict = {"wins": {k: sum(f["better"] == k for f in fits) for k in ("linear", "log")}, "seeds": len(fits)}
+    for kind in ("linear", "log"):
+        r2 = np.array([f[kind]["r2"] for f in fits])
+        out[kind] = {"r2_mean": float(r2.mean()), "r2_sd": float(r2.std(ddof=1)) if len(r2) > 1 else 0.0,
+                     "r2_min": float(r2.min()), "r2_max": float(r2.max())}
     return out
 
 
@@ -52,45 +81,67 @@ def build_model(residual: str, n_enc_layers: int, d_model: int = 512, n_heads: i
 def depth_sweep(residuals: Iterable[str] = tuple(SCHEMES),
                 depths: Iterable[int] = (1, 2, 4, 8, 16, 32, 50), d_model: int = 512, n_heads: int = 8,
                 d_ff: int | None = None, vocab_size: int = 1000, batch_size: int = 4, seq_len: int = 20,
-                eps: float = 1e-4, mode: str = "random", n_samples: int = 1, seed: int = 0,
-                progress: bool = True, **model_kw) -> dict:
-    """Encoder output change at initialisation for every (scheme, depth); each model is built once.
+                eps: float | None = None, perturbation: str = "random", n_samples: int = 1, seed: int = 0,
+                progress: bool = True, seeds: int = 1,
+                definition: str | Definition | list[str | Definition] | tuple = "ours", **model_kw):
+    """Encoder output change at initialisation for every (scheme, depth, seed); each model is built once.
 
-    ``residuals`` defaults to every registered scheme. ``model_kw`` are further ``ModelConfig`` fields (``norm``,
-    ``dropout``, ``activation``, ``admin_omega``, ``pad_id``...).
+    ``residuals`` defaults to every registered scheme. ``definition`` is a preset name ("ours", "reference") or a
+    ``Definition`` (see ``output_change``; only the encoder is measured); a list of them measures each on the same
+    models and returns a list of sweeps. ``model_kw`` are further ``ModelConfig`` fields (``norm``, ``dropout``,
+    ``activation``, ``admin_omega``, ``pad_id``...).
 
-    Returns ``{"config": {...}, "results": {scheme: {"depths", "sublayers", "output_change", "fit", "ratio"}}}``
-    with ``ratio`` = output change at the deepest / at the shallowest depth.
+    Returns ``{"config": {...}, "definition": {...}, "results": {scheme: {...}}}``; each scheme's entry holds
+    ``depths``, ``sublayers``, ``output_change`` (mean over seeds), ``ci95`` ([low, high] per depth), ``per_seed``
+    (seeds x depths), ``fit`` (on the means), ``fit_seeds`` (``fit_over_seeds``) and ``ratio`` (deepest mean /
+    shallowest mean).
     """
     from tqdm.auto import tqdm
 
     residuals, depths = list(residuals), sorted(set(int(d) for d in depths))
     if not depths or depths[0] < 1:
         raise ValueError(f"depths: got {depths}, need encoder layer counts >= 1")
+    if seeds < 1:
+        raise ValueError(f"seeds: got {seeds}, must be >= 1")
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(f"perturbation: got {perturbation!r}, allowed: {', '.join(map(repr, PERTURBATIONS))}")
+    several = isinstance(definition, (list, tuple))
+    defns = [make_definition(d, stacks=("encoder",)) for d in (definition if several else [definition])]
+    eps = DEFAULT_EPS[perturbation] if eps is None else eps
     pad_id = model_kw.get("pad_id", 0)
     batch = random_batch(vocab_size, batch_size, seq_len, pad_id=pad_id, seed=seed)
     config = dict(residuals=residuals, depths=depths, d_model=d_model, n_heads=n_heads, d_ff=d_ff or 4 * d_model,
-                  vocab_size=vocab_size, batch_size=batch_size, seq_len=seq_len, eps=eps, mode=mode,
-                  n_samples=n_samples, seed=seed, n_tokens=int(batch["src"].ne(pad_id).sum()), **model_kw)
-    results: dict = {}
-    bar = tqdm(total=len(residuals) * len(depths), desc="output change", disable=not progress)
+                  vocab_size=vocab_size, batch_size=batch_size, seq_len=seq_len, perturbation=perturbation,
+                  eps=eps, n_samples=n_samples, seed=seed, seeds=seeds,
+                  n_tokens=int(batch["src"].ne(pad_id).sum()), **model_kw)
+    per_seed = {(k, r): [[] for _ in range(seeds)] for k in range(len(defns)) for r in residuals}
+    bar = tqdm(total=len(residuals) * len(depths) * seeds, desc="output change", disable=not progress)
     try:
         for residual in residuals:
-            values = []
-            for depth in depths:
-                bar.set_postfix(scheme=residual, layers=depth)
-                model = build_model(residual, depth, d_model, n_heads, d_ff, vocab_size, seed=seed, batch=batch,
-                                    **model_kw)
-                change = output_change(model, batch["src"], batch["tgt_in"], eps=eps, mode=mode,
-                                       n_samples=n_samples, seed=seed, tgt_out=batch["tgt_out"],
-                                       stacks=("encoder",))
-                values.append(change["encoder"])
-                del model
-                bar.update()
-            sub = [2 * d for d in depths]
-            results[residual] = {"depths": depths, "sublayers": sub, "output_change": values,
-                                 "fit": fit(sub, values) if len(depths) > 2 else None,
-                                 "ratio": values[-1] / values[0] if values[0] > 0 else math.inf}
+            for s in range(seeds):
+                for depth in depths:
+                    bar.set_postfix(scheme=residual, layers=depth, seed=seed + s)
+                    model = build_model(residual, depth, d_model, n_heads, d_ff, vocab_size, seed=seed + s,
+                                        batch=batch, **model_kw)
+                    for k, defn in enumerate(defns):
+                        change = output_change(model, batch["src"], batch["tgt_in"], eps=eps,
+                                               perturbation=perturbation, n_samples=n_samples, seed=seed + s,
+                                               tgt_out=batch["tgt_out"], preset=defn)
+                        per_seed[k, residual][s].append(change["encoder"])
+                    del model
+                    bar.update()
     finally:
         bar.close()
-    return {"config": config, "results": results}
+    sweeps = [{"config": config, "definition": defn.as_dict(),
+               "results": {r: _summary(depths, per_seed[k, r]) for r in residuals}} for k, defn in enumerate(defns)]
+    return sweeps if several else sweeps[0]
+
+
+def _summary(depths: list[int], per_seed: list[list[float]]) -> dict:
+    sub = [2 * d for d in depths]
+    stats = [mean_ci95(col) for col in zip(*per_seed)]
+    means = [s[0] for s in stats]
+    return {"depths": depths, "sublayers": sub, "output_change": means, "ci95": [[s[1], s[2]] for s in stats],
+            "per_seed": per_seed, "fit": fit(sub, means) if len(depths) > 2 else None,
+            "fit_seeds": fit_over_seeds(sub, per_seed) if len(depths) > 2 else None,
+            "ratio": means[-1] / means[0] if means[0] > 0 else math.inf}
