@@ -9,6 +9,8 @@
 3. relative gradient norms per sub-layer, 18L-18L, d_model 512, one line per scheme   -> grad_norms_18l.{json,png,pdf}
 4. Admin's profiled omega on 6L-6L, d_model 512, 5 seeds: ours (pads skipped) and the reference's recursion (pads
    counted), beside the reference's published profile (a 100L-100L WMT'14 model)         -> admin_profile.json
+5. only with ``--scheme-sweep`` (slow: about 35 minutes on 2 loaded cores): every scheme's encoder output change under
+   our definition, d_model 512, one seed, 3 perturbations per depth  -> output_change_schemes.{json,png,pdf}
 
 All at initialisation with fixed seeds on a batch of 8 random sentences of 10-20 tokens; each scheme's calibration
 runs first (Admin's omega profiled with dropout 0.1). ``--norm`` builds every scheme with that norm (schemes without
@@ -34,6 +36,7 @@ from transformer_ln.plotting import plot_dependency, plot_grad_norms, plot_outpu
 from transformer_ln.residual import SCHEMES
 
 DEPTHS = (1, 2, 4, 8, 16, 32, 50, 64, 100)
+SCHEME_SWEEP_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 50)
 DEFINITIONS = {"ours": definition("ours"), "reference": definition("reference"),
                "reference_eval": definition("reference", mode="eval")}
 # Transformer-Clinic's example profile (admin-torch example/profile.ratio.init): a 100L-100L WMT'14 En-De model,
@@ -68,6 +71,7 @@ def main() -> None:
     ap.add_argument("--dpi", type=int, default=150, help="resolution of the PNGs (100 for docs/figures)")
     ap.add_argument("--schemes", default=",".join(SCHEMES), help="schemes of the dependency and gradient figures")
     ap.add_argument("--norm", default="layernorm", choices=list(NORMS), help="the norm of every scheme")
+    ap.add_argument("--scheme-sweep", action="store_true", help="also sweep every scheme at d_model 512 (slow)")
     args = ap.parse_args()
     schemes = [s for s in args.schemes.split(",") if s]
     sweep_schemes = [s for s in args.sweep_schemes.split(",") if s]
@@ -116,6 +120,13 @@ def main() -> None:
     profile = admin_profiles([args.seed + k for k in range(args.seeds)], batch, **kw)
     write_json(profile, args.out / "admin_profile.json")
     timings["admin_profile"] = time.time() - t
+    if args.scheme_sweep:
+        t = time.time()
+        every = depth_sweep(schemes, [d for d in SCHEME_SWEEP_DEPTHS if d <= args.max_depth], d_model=512,
+                            batch_size=args.batch_size, n_samples=3, seed=args.seed, **kw)
+        write_json(every, args.out / "output_change_schemes.json")
+        plot_output_change(every, args.out / "output_change_schemes", dpi=args.dpi)
+        timings["output_change_schemes"] = time.time() - t
     timings["total"] = sum(timings.values())
     write_json({**timings, "torch_threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg()},
                args.out / "timings.json")
@@ -128,10 +139,20 @@ def main() -> None:
         for r, res in sweep["results"].items():
             pts = ", ".join(f"{n}: {v:.3g}" for n, v in zip(res["sublayers"], res["output_change"]))
             f, fs = res["fit"], res["fit_seeds"]
+            if f is None:  # fewer than three depths: no fit
+                print(f"  {r:8s} {pts}")
+                continue
             print(f"  {r:8s} {pts}\n           deepest/shallowest {res['ratio']:.2f}; on the means R^2 linear "
                   f"{f['linear']['r2']:.3f}, log {f['log']['r2']:.3f}; per seed R^2 linear "
                   f"{fs['linear']['r2_mean']:.3f}±{fs['linear']['r2_sd']:.3f}, log {fs['log']['r2_mean']:.3f}"
                   f"±{fs['log']['r2_sd']:.3f}; wins linear {fs['wins']['linear']}, log {fs['wins']['log']}")
+    print("gradient at the last sub-layer's output / at the first's, 18L-18L:")
+    for r in schemes:
+        ratio = {}
+        for stack in ("encoder", "decoder"):
+            v = sorted((x["index"], x["output_grad_norm"]) for x in norms[r].values() if x["stack"] == stack)
+            ratio[stack] = round(v[-1][1] / v[0][1], 1) if v and v[0][1] > 0 else float("nan")
+        print(f"  {r:13s} encoder {ratio['encoder']}, decoder {ratio['decoder']}")
     print("Admin omega, 6L encoder (mean over seeds):")
     for k in ("ours_pads_skipped", "reference_recursion_pads_counted"):
         print(f"  {k:34s}", np.round(profile[k]["mean"], 3))

@@ -362,7 +362,8 @@ def _png_ok(path) -> bool:
 @pytest.mark.parametrize("command, stem, extra", [
     ("dependency", "dependency", []),
     ("output-change", "output_change", ["--depths", "1,2"]),
-    ("output-change", "output_change", ["--mode", "grad_sign", "model.residual=admin"]),
+    ("output-change", "output_change", ["--perturbation", "grad_sign", "model.residual=admin"]),
+    ("output-change", "output_change", ["--preset", "reference", "--mode", "eval", "--seeds", "2"]),
     ("gradients", "grad_norms", ["--residuals", "post_ln,pre_ln"]),
 ])
 def test_cli_writes_json_and_png(tmp_path, command, stem, extra, capsys):
