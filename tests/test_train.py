@@ -141,7 +141,7 @@ def test_translate_evaluate_and_average_end_to_end(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["train", "model.n_layer=3"], "model.n_layer"),
     (["train", "optim.lr=fast"], "optim.lr"),
-    (["train", "model.residual=deepnorm"], "residual"),
+    (["train", "model.residual=bogus"], "residual"),
     (["train", "--resume", "/nonexistent/run"], "does not exist"),
     (["translate", "/nonexistent/run"], "does not exist"),
     (["average", "/nonexistent/run", "--last", "2"], "does not exist"),
