@@ -598,3 +598,35 @@ def test_admin_init_on_a_plain_stack_of_our_layers_equals_the_model_profile():
     EncoderLayer(D, H, 16, residual="admin")  # profiled omega needs no size
     assert EncoderLayer(D, H, 16, residual="admin", admin_omega="O(1)", depths=(6, 6)).ffn.residual.init_value == \
         pytest.approx(math.sqrt(12))
+
+
+@pytest.mark.parametrize("command, stem, extra", [
+    ("dependency", "dependency", ["--residuals", "post_ln,pre_ln"]),
+    ("output-change", "output_change", ["--residuals", "post_ln,pre_ln"]),
+    ("output-change", "output_change", ["--depths", "1,2,3", "model.residual=pre_ln"]),
+    ("gradients", "grad_norms", ["--residuals", "post_ln,pre_ln"]),
+])
+def test_cli_prints_the_key_numbers_of_its_json(tmp_path, command, stem, extra, capsys):
+    assert analyze([command, "--out", str(tmp_path), *TINY, *extra]) == 0
+    rows: dict[str, list[str]] = {}
+    for ln in capsys.readouterr().out.splitlines():
+        if ln.strip():
+            rows.setdefault(ln.split()[0], ln.split()[1:])  # the first row of each scheme
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    results = data[0]["results"] if isinstance(data, list) else data["results"]
+    for scheme, r in results.items():
+        cells = rows[scheme]  # dependency and gradients: the encoder's row comes first
+        if command == "dependency":
+            want = [r["encoder"]["diagonal"][0], r["encoder"]["diagonal"][-1], np.mean(r["encoder"]["diagonal"])]
+            got = cells[2:5]
+        elif command == "gradients":
+            enc = sorted((e for e in r.values() if e["stack"] == "encoder"), key=lambda e: e["index"])
+            want = [enc[0]["output_grad_rel"], enc[-1]["output_grad_rel"], min(e["output_grad_rel"] for e in enc)]
+            got = cells[2:5]
+        elif "--depths" in extra:
+            want = [r["output_change"][0], r["output_change"][-1], r["ratio"]]
+            got = cells[1:4]
+            assert cells[4] == r["fit"]["better"]
+        else:
+            want, got = [r["encoder"], r["decoder"]], cells[:2]
+        assert [float(g) for g in got] == pytest.approx(want, rel=1e-3), (scheme, cells)

@@ -126,3 +126,19 @@ def test_read_run_and_curves(tmp_path):
     assert len(run["train"]) == 3 and len(run["valid"]) == 1 and run["summary"]["diverged_at"] == 3
     paths = plot_curves([a, b], tmp_path / "figs" / "curves.png")
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_log_x_panel_draws_only_straight_fits_with_plain_tick_labels():
+    sweep = _sweep("squared", 1, "x")
+    for k in sweep["results"]:  # neither scheme fits a logarithm better: both land on the log panel, no fits there
+        sweep["results"][k]["fit"]["better"] = "linear"
+    fig = output_change_figure(sweep)
+    fig.canvas.draw()
+    bottom = _visible(fig)[1]
+    assert len([ln for ln in bottom.get_lines() if ln.get_marker() == "o"]) == 2
+    assert not [ln for ln in bottom.get_lines() if ln.get_linestyle() == "--"]  # a line is curved on log x
+    ticks = [t.get_text() for t in bottom.get_xticklabels() if t.get_text()]
+    assert ticks == ["2", "4", "8", "16"]
+    assert not [t.get_text() for t in bottom.xaxis.get_minorticklabels() if t.get_text()]
+    mixed = output_change_figure(_sweep("squared", 1, "x"))  # Pre-LN fits log N better: its fit is drawn there
+    assert len([ln for ln in _visible(mixed)[1].get_lines() if ln.get_linestyle() == "--"]) == 1

@@ -134,13 +134,19 @@ def output_change_figure(sweeps: Mapping[str, Any] | list[Mapping[str, Any]], ch
                 if r.get("ci95") and cfg.get("seeds", 1) > 1:
                     lo, hi = np.asarray(r["ci95"], float).T
                     ax.fill_between(n, lo, hi, color=color, alpha=0.2, linewidth=0)
-                if f:
+                if f and (ax is top or f["better"] == "log"):  # a fit drawn only where it is a straight line
                     best = f[f["better"]]
                     grid = np.linspace(n.min(), n.max(), 200)
                     x = grid if f["better"] == "linear" else np.log(grid)
                     ax.plot(grid, best["a"] * x + best["b"], "--", color=color, alpha=0.6)
         for ax, scale in ((top, "linear"), (bottom, "log")):
             ax.set_xscale(scale)
+            if scale == "log":  # plain numbers at the measured N, not 2x10^0 minor-tick labels
+                from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+                ax.set_xticks(sorted({int(v) for r in results.values() for v in r["sublayers"]}))
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("encoder sub-layers N (2 per layer)" + (", log scale" if scale == "log" else ""))
             ax.set_ylabel(change_label(defn))
             ax.grid(alpha=0.3, which="both")

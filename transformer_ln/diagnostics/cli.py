@@ -24,6 +24,7 @@ from ..config import RESIDUALS, ModelConfig
 from ..errors import UserError
 from ..rundir import RunDir
 from .output_change import DEFAULT_EPS, MASKS, NORMS, PADDINGS, PERTURBATIONS, PRESETS, READS, Definition, definition
+from .tables import dependency_table, depth_sweep_table, grad_norms_table, output_change_table
 
 FIELDS_SET_BY_SWEEP = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
                        "n_dec_layers", "residual")
@@ -220,6 +221,7 @@ def cmd_dependency(args) -> list[Path]:
             results[label][stack] = {"beta": stats[0], "ci95_low": stats[1], "ci95_high": stats[2],
                                      "diagonal": [d[0] for d in diag], "diagonal_ci95": [[d[1], d[2]] for d in diag]}
     record = {"checkpoint": checkpoint, "seeds": _seeds(args), "results": results}
+    print(dependency_table(results))
     title = checkpoint if args.seeds == 1 else f"{checkpoint}, mean of {args.seeds} seeds"
     return [write_json(record, args.out / "dependency.json"), *plot_dependency(betas, args.out / "dependency", title)]
 
@@ -243,6 +245,7 @@ def cmd_output_change(args) -> list[Path]:
                             vocab_size=cfg.src_vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
                             eps=args.eps, perturbation=args.perturbation, n_samples=args.samples, seed=args.seed,
                             seeds=args.seeds, definition=defn, **extra)
+        print(depth_sweep_table(sweep))
         return [write_json(sweep, args.out / "output_change.json"),
                 *plot_output_change(sweep, args.out / "output_change")]
     per_seed: dict[str, list[dict[str, float]]] = {}
@@ -259,6 +262,7 @@ def cmd_output_change(args) -> list[Path]:
         ci95[label] = {s: [v[1], v[2]] for s, v in stats.items()}
     record = {"checkpoint": checkpoint, "definition": defn.as_dict(), "perturbation": args.perturbation,
               "eps": args.eps, "seeds": _seeds(args), "results": changes, "ci95": ci95, "per_seed": per_seed}
+    print(output_change_table(changes, ci95 if len(_seeds(args)) > 1 else None, defn.describe()))
     return [write_json(record, args.out / "output_change.json"),
             *plot_output_change_bars(changes, args.out / "output_change", checkpoint, ci95=ci95,
                                      definition=defn.describe())]
@@ -271,6 +275,7 @@ def cmd_gradients(args) -> list[Path]:
     norms, checkpoint = {}, "init"
     for label, _, model, batch, checkpoint in models(args):
         norms[label] = gradient_norms(model, batch["src"], batch["tgt_in"], batch["tgt_out"])
+    print(grad_norms_table(norms))
     return [write_json({"checkpoint": checkpoint, "results": norms}, args.out / "grad_norms.json"),
             *plot_grad_norms(norms, args.out / "grad_norms", checkpoint)]
 
@@ -311,7 +316,7 @@ COMMANDS = {"dependency": cmd_dependency, "output-change": cmd_output_change, "g
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``transformer-ln analyze``; prints the paths it wrote."""
+    """Entry point of ``transformer-ln analyze``; prints its key numbers as a table and the paths it wrote."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
