@@ -29,7 +29,6 @@ from .divergence import DivergenceGuard
 from .errors import UserError
 from .launcher import exit_when_launcher_dies
 from .model import Seq2SeqTransformer
-from .residual import get_scheme
 from .rundir import MetricsWriter, RunDir, Summary
 from . import update as upd
 
@@ -333,8 +332,7 @@ class Trainer:
         whole = self.data.sampler("train", self.cfg.train.max_tokens, seed=self.cfg.train.seed, shuffle=True)
         whole.set_epoch(1)
         batch = self._collate(next(iter(whole)))
-        profile = get_scheme(self.cfg.model.residual).calibrate(self.model, batch["src"], batch["tgt_in"],
-                                                                seed=self.cfg.train.seed)
+        profile = self.model.scheme.calibrate(self.model, batch["src"], batch["tgt_in"], seed=self.cfg.train.seed)
         if profile is None:
             return
         if self.accelerator.is_main_process:
