@@ -200,9 +200,14 @@ def admin_init(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor | None 
     return profile
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value; under FSDP (a sharded DTensor) gathered from every process (collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def omega_summary(model: nn.Module) -> torch.Tensor | None:
     """[min, mean, max] of all omega entries as one device tensor (no host sync), or None without Admin."""
-    omegas = [m.omega.detach().float().reshape(-1) for m in model.modules() if isinstance(m, OmegaResidual)]
+    omegas = [_whole(m.omega).detach().float().reshape(-1) for m in model.modules() if isinstance(m, OmegaResidual)]
     if not omegas:
         return None
     flat = torch.cat(omegas)

@@ -5,6 +5,7 @@ optimizer, RNG per process) plus the trainer's position, in safe formats:
 
     model.safetensors      the unwrapped model (tied embeddings handled by safetensors' save_model)
     optimizer.pt           optimizer.state_dict(), loaded with torch.load(weights_only=True)
+                           (under FSDP both are the whole model's, gathered by ``sharding``: one format for all)
     rng_<rank>.pt          torch (and CUDA) RNG states and Python's random state, weights_only too
     trainer_state.json     update, epoch, batches consumed in the epoch, best valid loss, tokens, wall time
     config.yaml            the run's resolved config
@@ -28,6 +29,7 @@ from .config import ConfigError, RunConfig
 from .cli import Parser
 from .errors import UserError
 from .rundir import RunDir
+from . import sharding
 
 PREFIX = RunDir.UPDATE_PREFIX
 
@@ -63,7 +65,14 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, update: int, model: torch.nn.Module, optimizer, cfg: RunConfig,
                     trainer_state: dict, accelerator=None) -> Path:
-    """Write ``checkpoints/update_<update>`` atomically; every process writes its RNG, the main one the rest."""
+    """Write ``checkpoints/update_<update>`` atomically; every process writes its RNG, the main one the rest.
+
+    Every process must call it: under FSDP the full model and optimizer state are gathered first.
+    """
+    from .model import Seq2SeqTransformer
+
+    whole = sharding.full_copy(model, accelerator, lambda: Seq2SeqTransformer(cfg.model))
+    optim_state = sharding.full_optimizer_state(model, optimizer, accelerator)
     is_main = accelerator is None or accelerator.is_main_process
     rank = 0 if accelerator is None else accelerator.process_index
     final = checkpoints_dir(run_dir) / f"{PREFIX}{update:08d}"
@@ -74,8 +83,8 @@ def save_checkpoint(run_dir: Path, update: int, model: torch.nn.Module, optimize
     _barrier(accelerator)
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
     if is_main:
-        st_save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        st_save_model(whole, str(tmp / "model.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         cfg.save(tmp / RunDir.CONFIG)
     _barrier(accelerator)
@@ -191,16 +200,27 @@ def _load_tensors(path: Path):
         raise UserError(f"checkpoint {path.parent} is corrupt: {path.name}: {str(e).splitlines()[0]}") from None
 
 
-def load_optimizer_and_rng(optimizer, ckpt: Path, rank: int = 0) -> None:
+def read_optimizer_and_rng(ckpt: Path, rank: int = 0) -> tuple[dict, dict]:
+    """The optimizer state and process ``rank``'s RNG state of a checkpoint, read (not applied)."""
     ckpt = Path(ckpt)
-    state = _load_tensors(ckpt / "optimizer.pt")
-    rng = _load_tensors(ckpt / f"rng_{rank}.pt")
+    return _load_tensors(ckpt / "optimizer.pt"), _load_tensors(ckpt / f"rng_{rank}.pt")
+
+
+def apply_optimizer_and_rng(model, optimizer, ckpt: Path, states: tuple[dict, dict], accelerator=None) -> None:
+    """Load what ``read_optimizer_and_rng`` read into a prepared optimizer (each process keeps its shard under
+    FSDP) and set this process's RNG; a mismatch is one line."""
+    optim_state, rng = states
     try:
-        optimizer.load_state_dict(state)
+        sharding.load_optimizer_state(model, optimizer, optim_state, accelerator)
         set_rng_state(rng)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise UserError(f"checkpoint {ckpt} does not fit this run's optimizer or RNG: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def load_optimizer_and_rng(optimizer, ckpt: Path, rank: int = 0) -> None:
+    """Read and apply in one step (an unsharded optimizer)."""
+    apply_optimizer_and_rng(None, optimizer, ckpt, read_optimizer_and_rng(ckpt, rank))
 
 
 def average_checkpoints(run_dir: str | Path, last: int) -> Path:

@@ -389,6 +389,7 @@ class Summary:
     warmup_updates: Optional[int] = None
     seed: Optional[int] = None
     processes: Optional[int] = None
+    distributed: Optional[str] = None  # accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, ...
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -30,6 +30,7 @@ from .errors import UserError
 from .launcher import exit_when_launcher_dies
 from .model import Seq2SeqTransformer
 from .rundir import MetricsWriter, RunDir, Summary
+from . import sharding
 from . import update as upd
 
 
@@ -99,14 +100,6 @@ def stop_reason(st: State, t) -> Optional[str]:
     return None
 
 
-# Measured with accelerate 1.16 / torch 2.13 on 2 CPU processes (gloo); see the README's "FSDP" paragraph.
-FSDP_UNSUPPORTED = (
-    "this run was launched with FSDP (`accelerate launch --use_fsdp` or ACCELERATE_USE_FSDP=true), which the trainer "
-    "does not support yet: its checkpoints, sharded validation and beam search assume every process holds the whole "
-    "model, and on a machine without GPUs accelerate cannot shard at all (it stops on sync_module_states, or trains "
-    "plain DDP). Launch with `accelerate launch --multi_gpu` (DDP) instead.")
-
-
 def trackers(t) -> list[str]:
     """accelerate trackers asked for by ``train.trackers`` (and ``train.tensorboard``), offline by default.
 
@@ -142,11 +135,11 @@ class Trainer:
         device_hint = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
         mp = upd.resolve_mixed_precision(cfg.train.mixed_precision, device_hint)
         log_with = trackers(cfg.train) or None
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            raise UserError(FSDP_UNSUPPORTED)
         exit_when_launcher_dies()
         self.accelerator = acc = Accelerator(cpu=cpu, mixed_precision=mp, log_with=log_with,
                                              project_dir=str(self.run_dir), step_scheduler_with_optimizer=False)
+        sharding.check_launch(acc, os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+        self.sharded = sharding.is_sharded(acc)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != acc.num_processes:
             raise UserError(
@@ -189,15 +182,14 @@ class Trainer:
         self.state = State()
         self.optimizer = upd.build_optimizer(self.model, cfg, acc.device)
         self.model = self.model.to(acc.device)
-        if resume:
-            self._load_last()
-        else:
-            self._calibrate()
-        if acc.is_main_process:  # only now: a resume that fails leaves the run's config.yaml as it was
-            cfg.save(self.rundir.config)
+        restore = self._load_last() if resume else self._calibrate()  # Admin profiles before any wrapping
         self.raw_model = self.model
         train_model = torch.compile(self.model) if cfg.train.compile else self.model
-        self.model, self.optimizer = acc.prepare(train_model, self.optimizer)
+        self.model, self.optimizer = acc.prepare(train_model, self.optimizer)  # FSDP2 shards raw_model in place
+        if restore is not None:  # after prepare: FSDP replaces the optimizer's parameters by their shards
+            ckpt_lib.apply_optimizer_and_rng(self.raw_model, self.optimizer, *restore, accelerator=acc)
+        if acc.is_main_process:  # only now: a resume that fails leaves the run's config.yaml as it was
+            cfg.save(self.rundir.config)
         if log_with and acc.is_main_process:
             flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
             acc.init_trackers("transformer_ln", config={k: v for k, v in flat.items()
@@ -300,13 +292,17 @@ class Trainer:
             raise UserError(f"cannot resume {self.run_dir} with a different model config (changed: "
                             f"{', '.join('model.' + k for k in diff)}); drop those overrides or start a new run")
 
-    def _load_last(self) -> None:
-        """The newest readable checkpoint; a corrupt one is skipped with a warning, never deleted."""
+    def _load_last(self) -> tuple:
+        """The newest readable checkpoint; a corrupt one is skipped with a warning, never deleted.
+
+        Loads the weights into the unwrapped model and the trainer state; returns ``(checkpoint, (optimizer state,
+        RNG state))``, applied once the model and optimizer are prepared.
+        """
         errors = []
         for ckpt in reversed(ckpt_lib.update_checkpoints(self.run_dir)):
             try:
                 ckpt_lib.load_weights(self.model, ckpt, hint=None)
-                ckpt_lib.load_optimizer_and_rng(self.optimizer, ckpt, self.accelerator.process_index)
+                states = ckpt_lib.read_optimizer_and_rng(ckpt, self.accelerator.process_index)
                 try:
                     self.state = State.from_dict(json.loads((ckpt / "trainer_state.json").read_text()))
                 except (OSError, ValueError, TypeError) as e:
@@ -323,6 +319,7 @@ class Trainer:
         dropped = self.metrics.truncate(st.metrics_bytes, st.update)
         self.log(f"resumed from {ckpt} at update {st.update}, epoch {st.epoch}"
                  + (f"; dropped {dropped} line(s) of metrics.jsonl written after it" if dropped else ""))
+        return ckpt, states
 
     def _calibrate(self) -> None:
         """The scheme's data-dependent initialisation (Admin's profiling) on the first global batch.
@@ -334,11 +331,12 @@ class Trainer:
         batch = self._collate(next(iter(whole)))
         profile = self.model.scheme.calibrate(self.model, batch["src"], batch["tgt_in"], seed=self.cfg.train.seed)
         if profile is None:
-            return
+            return None
         if self.accelerator.is_main_process:
             write_text(self.rundir.profile, json.dumps(profile, indent=1))
         self.log(f"Admin profile: encoder omega {profile['encoder'][0]:.3f} .. {profile['encoder'][-1]:.3f}, "
                  f"decoder {profile['decoder'][0]:.3f} .. {profile['decoder'][-1]:.3f}")
+        return None
 
     # ---------------------------------------------------------------------------------------------- helpers
 
@@ -486,8 +484,16 @@ class Trainer:
         if st.update % self.cfg.train.log_every == 0 or st.update == 1:
             bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         first = next((b for b in group if b is not None), None)
+        model = self.raw_model
+        if self.sharded:  # a callback sees the whole model: an unsharded copy, on the main process only
+            if not any(st.update % getattr(cb, "every", 1) == 0 for cb in self.callbacks):
+                return
+            model = sharding.full_copy(self.raw_model, self.accelerator, lambda: Seq2SeqTransformer(self.cfg.model))
+            if model is None:
+                return
+            model = model.to(self.accelerator.device)
         for cb in self.callbacks:
-            cb.on_update_end(UpdateContext(st.update, self.raw_model,
+            cb.on_update_end(UpdateContext(st.update, model,
                                            first or upd.empty_batch(self.accelerator.device), self.write_metrics))
 
     def _end_epoch(self) -> None:
@@ -503,7 +509,10 @@ class Trainer:
         """After divergence the model in memory goes back to the last good (last written) weights."""
         found = ckpt_lib.update_checkpoints(self.run_dir)
         if found:
-            ckpt_lib.load_weights(self.raw_model, found[-1])
+            whole = sharding.fresh(lambda: Seq2SeqTransformer(self.cfg.model)) if self.sharded else self.raw_model
+            ckpt_lib.load_weights(whole, found[-1])
+            if self.sharded:  # every process reads the file and keeps its shard
+                sharding.load_model_state(self.raw_model, whole.state_dict(), self.accelerator)
             self.log(f"diverged at update {self.state.diverged_at}; rolled back to {found[-1]}, the last good "
                      "weights")
 
@@ -516,13 +525,17 @@ class Trainer:
         st.last_valid_update = st.update
         sampler = self.data.sampler("valid", self.cfg.train.max_tokens, seed=0, shuffle=False,
                                     num_shards=acc.num_processes, shard_id=acc.process_index)
+        mine = list(sampler)
+        # The same number of forward passes on every process (FSDP all-gathers in each); fillers are not counted.
+        mine += [None] * (getattr(sampler, "batches_per_shard", len(mine)) - len(mine))
         self.raw_model.eval()
         sums = torch.zeros(3, device=acc.device)
-        for ix in sampler:
-            b = self._to_device(self.data.batch("valid", ix))
+        for ix in mine:
+            b = self._to_device(self.data.batch("valid", ix)) if ix is not None else upd.empty_batch(acc.device)
             with acc.autocast():
                 loss, nll = upd.compute_loss(self.raw_model, b, self.cfg.optim.label_smoothing, self.pad_id)
-            sums += torch.stack([loss.float(), nll.float(), torch.tensor(float(b["ntokens"]), device=acc.device)])
+            if ix is not None:
+                sums += torch.stack([loss.float(), nll.float(), torch.tensor(float(b["ntokens"]), device=acc.device)])
         sums = acc.reduce(sums, reduction="sum").tolist()
         loss = sums[0] / max(sums[2], 1) / math.log(2)
         nll = sums[1] / max(sums[2], 1) / math.log(2)
@@ -596,4 +609,5 @@ class Trainer:
             epochs_started=st.epoch, tokens=st.tokens, wall_time_s=round(st.wall_time, 2),
             residual=m.residual, n_enc_layers=m.n_enc_layers, n_dec_layers=m.n_dec_layers, lr=self.cfg.optim.lr,
             warmup_updates=self.cfg.optim.warmup_updates, seed=self.cfg.train.seed,
-            processes=self.accelerator.num_processes).to_dict()
+            processes=self.accelerator.num_processes,
+            distributed=self.accelerator.distributed_type.value).to_dict()

@@ -112,12 +112,12 @@ def probe_loss(acc, raw_model, group: list[dict | None], cfg: RunConfig) -> floa
     was_training = raw_model.training
     raw_model.eval()
     sums = torch.zeros(2, device=acc.device)
-    for b in group:
-        if b is None:
-            continue
+    for b in group:  # a None runs a filler, not counted: the same forward passes on every process (FSDP)
         with acc.autocast():
-            loss, _ = compute_loss(raw_model, b, cfg.optim.label_smoothing, cfg.model.pad_id)
-        sums += torch.stack([loss.float(), torch.tensor(float(b["ntokens"]), device=acc.device)])
+            loss, _ = compute_loss(raw_model, b if b is not None else empty_batch(acc.device),
+                                   cfg.optim.label_smoothing, cfg.model.pad_id)
+        if b is not None:
+            sums += torch.stack([loss.float(), torch.tensor(float(b["ntokens"]), device=acc.device)])
     raw_model.train(was_training)
     total = acc.reduce(sums, reduction="sum").tolist()
     return total[0] / max(total[1], 1.0) / math.log(2)
