@@ -42,6 +42,14 @@ def check_launch(acc, fsdp_requested: bool) -> None:
         raise UserError(FSDP_NOT_ENABLED)
 
 
+def describe(model: nn.Module, acc) -> str:
+    """One line for the log: how much of the model this process holds."""
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return (f"FSDP2: {acc.num_processes} processes, process {acc.process_index} holds {local:,} of the "
+            f"{total:,} parameter values ({local / max(total, 1):.0%})")
+
+
 def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps torch's
 

@@ -186,6 +186,8 @@ class Trainer:
         self.raw_model = self.model
         train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.model, self.optimizer = acc.prepare(train_model, self.optimizer)  # FSDP2 shards raw_model in place
+        if self.sharded:
+            self.log(sharding.describe(self.raw_model, acc))
         if restore is not None:  # after prepare: FSDP replaces the optimizer's parameters by their shards
             ckpt_lib.apply_optimizer_and_rng(self.raw_model, self.optimizer, *restore, accelerator=acc)
         if acc.is_main_process:  # only now: a resume that fails leaves the run's config.yaml as it was
