@@ -17,13 +17,14 @@ from conftest import tiny_run_config
 from test_train import metrics, prepare
 
 REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_FSDP = REPO / "experiments" / "accelerate" / "fsdp.yaml"
 COMMON = ["model.residual=admin", "model.dropout=0.1", "train.update_freq=2", "train.valid_every=3",
           "train.save_every=3", "train.grad_norms_every=3", "data.synthetic_size=300"]
 
 
 def launch(tmp_path, name, *args, fsdp=True):
     target = ["tests/fsdp_on_cpu.py"] if fsdp else ["-m", "transformer_ln.train"]
-    mode = ["--use_fsdp", "--fsdp_version", "2"] if fsdp else ["--multi_gpu"]
+    mode = ["--config_file", str(ACCELERATE_FSDP)] if fsdp else ["--multi_gpu"]  # the config the README gives
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target,
                            *args, "--cpu"], capture_output=True, text=True, cwd=REPO, timeout=600,
@@ -47,8 +48,10 @@ def runs(tmp_path_factory):
         tiny_run_config(tmp / name, *COMMON, data).save(configs[name])
     logs = {"fsdp": launch(tmp, "fsdp", str(configs["fsdp"])),
             "ddp": launch(tmp, "ddp", str(configs["ddp"]), fsdp=False),
-            "first": launch(tmp, "resumed 1", str(configs["resumed"]), "train.max_updates=3")}
-    logs["resumed"] = launch(tmp, "resumed 2", "--resume", str(tmp / "resumed"), "train.max_updates=6")
+            "first": launch(tmp, "resumed 1", str(configs["resumed"]), "train.max_updates=3",
+                            "train.bleu_at_end=true", "train.beam=1")}  # decoding after a sharded run
+    logs["resumed"] = launch(tmp, "resumed 2", "--resume", str(tmp / "resumed"), "train.max_updates=6",
+                             "train.bleu_at_end=false")
     return tmp, logs
 
 
@@ -105,6 +108,9 @@ def test_a_run_trained_sharded_is_evaluated_and_resumed_unsharded(runs, tmp_path
     from transformer_ln.train import Trainer
 
     tmp, _ = runs
+    at_end = json.loads((tmp / "resumed" / "eval_test_best.json").read_text())  # written by the 2 FSDP processes
+    hyps = (tmp / "resumed" / "hyps_test_best.txt").read_text().splitlines()
+    assert at_end["checkpoint"] == "best" and at_end["n"] == len(hyps) > 0  # both halves gathered
     scores = evaluate_run(tmp / "fsdp", split="valid", checkpoint="best", limit=4)
     assert scores["n"] == 4 and 0.0 <= scores["bleu"] <= 100.0
     model, _ = load_model(tmp / "fsdp", "last")

@@ -9,6 +9,8 @@
   would have, once.
 - Idempotent resume: a finished run resumes to nothing; a larger stopping rule continues where it stopped.
 - Kept weights are good weights: see ``divergence``; ``summary.json`` names the last good update and checkpoint.
+- One code path for one process, DDP and FSDP2: ``sharding`` gathers the whole state for checkpoints and callbacks,
+  and every process runs the same number of forward passes (FSDP all-gathers parameters in each).
 """
 from __future__ import annotations
 
