@@ -167,6 +167,10 @@ def test_an_fsdp_launch_accelerate_does_not_shard_is_refused_in_one_line(tmp_pat
     from transformer_ln import UserError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets; on CPU: no FSDP
+    monkeypatch.setenv("FSDP_VERSION", "2")
     with pytest.raises(UserError, match="FSDP.*did not shard.*--multi_gpu"):
+        train(tmp_path, "train.max_updates=1")
+    monkeypatch.setenv("FSDP_VERSION", "1")  # accelerate's default version; its plugin would fail on CPU
+    with pytest.raises(UserError, match="FSDP version 1.*--fsdp_version 2"):
         train(tmp_path, "train.max_updates=1")
     assert not (tmp_path / "metrics.jsonl").exists()

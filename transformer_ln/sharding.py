@@ -13,13 +13,15 @@ one code path.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from .errors import UserError
 
 FSDP1_UNSUPPORTED = (
-    "this run was launched with FSDP version 1; the trainer supports accelerate's FSDP2 (fully_shard): launch with "
+    "this run was launched with FSDP version 1 (accelerate's default); the trainer supports accelerate's FSDP2 (fully_shard): launch with "
     "`accelerate launch --use_fsdp --fsdp_version 2 ...` (or `fsdp_version: 2` in the accelerate config)")
 FSDP_NOT_ENABLED = (
     "this run was launched with FSDP (`--use_fsdp` / ACCELERATE_USE_FSDP=true) but accelerate did not shard the "
@@ -34,11 +36,23 @@ def is_sharded(acc) -> bool:
     return acc is not None and acc.distributed_type == DistributedType.FSDP
 
 
-def check_launch(acc, fsdp_requested: bool) -> None:
-    """One line instead of a silent change of plan: FSDP asked for but not given, or FSDP1."""
+def fsdp_requested() -> bool:
+    """Whether the launch asked for FSDP (``accelerate launch --use_fsdp`` or an FSDP config set this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_request() -> None:
+    """Before the accelerator is built: FSDP1 (accelerate's default version) is one line, not a failure inside
+    accelerate's plugin."""
+    if fsdp_requested() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError(FSDP1_UNSUPPORTED)
+
+
+def check_launch(acc) -> None:
+    """After: one line instead of a silent change of plan when FSDP was asked for and accelerate did not shard."""
     if is_sharded(acc) and not acc.is_fsdp2:
         raise UserError(FSDP1_UNSUPPORTED)
-    if fsdp_requested and not is_sharded(acc):
+    if fsdp_requested() and not is_sharded(acc):
         raise UserError(FSDP_NOT_ENABLED)
 
 

@@ -137,10 +137,11 @@ class Trainer:
         device_hint = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
         mp = upd.resolve_mixed_precision(cfg.train.mixed_precision, device_hint)
         log_with = trackers(cfg.train) or None
+        sharding.check_request()
         exit_when_launcher_dies()
         self.accelerator = acc = Accelerator(cpu=cpu, mixed_precision=mp, log_with=log_with,
                                              project_dir=str(self.run_dir), step_scheduler_with_optimizer=False)
-        sharding.check_launch(acc, os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+        sharding.check_launch(acc)
         self.sharded = sharding.is_sharded(acc)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != acc.num_processes:
