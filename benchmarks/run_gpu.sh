@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU figure of benchmarks/RESULTS.md in one go (stages: check eager decode profile compile).
+# Every GPU figure of benchmarks/RESULTS.md in one go (stages: check eager decode profile compile fsdp).
 # Usage: OUT=dir bash benchmarks/run_gpu.sh [STAGE...]; each stage has its own time limit.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-stages=${*:-check eager decode profile compile}
+stages=${*:-check eager decode profile compile fsdp}
 for s in $stages; do
   echo "=== $s $(date +%T)"
   case $s in
@@ -21,6 +21,13 @@ for s in $stages; do
                --json "$OUT/compile_base.json"
              timeout 200 python3 benchmarks/throughput.py --device cuda --shape big --steps 10 --compile \
                --json "$OUT/compile_big.json" ;;
+    fsdp) # FSDP2 on GPU with bf16 and NCCL (one process: the code path, not the scaling), then resume
+          timeout 150 accelerate launch --config_file experiments/accelerate/fsdp.yaml --num_processes 1 \
+            -m transformer_ln.train --demo train.out_dir="$OUT/fsdp_run" train.max_updates=40 train.save_every=20 \
+            train.bleu_at_end=false --overwrite > "$OUT/fsdp.log" 2>&1
+          timeout 90 accelerate launch --config_file experiments/accelerate/fsdp.yaml --num_processes 1 \
+            -m transformer_ln.train --resume "$OUT/fsdp_run" train.max_updates=60 >> "$OUT/fsdp.log" 2>&1
+          grep -E "FSDP2|resumed|error" "$OUT/fsdp.log"; tail -c 600 "$OUT/fsdp_run/summary.json" ;;
   esac
 done
 echo "=== done $(date +%T)"
