@@ -120,3 +120,17 @@ def test_a_run_trained_sharded_is_evaluated_and_resumed_unsharded(runs, tmp_path
     cfg = tiny_run_config(run, *COMMON, f"data.prepared={tmp / 'prepared'}", "train.max_updates=8")
     summary = Trainer(cfg, cpu=True, resume=True, quiet=True).run()  # one process goes on from the sharded run
     assert summary["status"] == "completed" and summary["updates"] == 8 and summary["distributed"] == "NO"
+
+
+def test_a_sharded_run_that_diverges_rolls_back_to_its_last_good_checkpoint(runs):
+    tmp, _ = runs
+    config = tmp / "diverging.yaml"
+    tiny_run_config(tmp / "diverging", *COMMON, f"data.prepared={tmp / 'prepared'}", "optim.lr=30",
+                    "optim.warmup_updates=1", "train.save_every=1", "train.max_updates=40",
+                    "train.diverge_patience=2", "train.update_freq=1").save(config)
+    proc = launch(tmp, "diverging", str(config))
+    summary = json.loads((tmp / "diverging" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["distributed"] == "FSDP"
+    assert "rolled back to" in proc.stderr + proc.stdout  # the whole checkpoint loaded back into the shards
+    weights, _ = checkpoint(tmp / "diverging", summary["last_good_update"])
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -98,7 +98,21 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], acc) -> N
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    # A tied weight (shared embeddings) is one parameter under several names; torch shards it under its first
+    # name only, so it is loaded under that name and the other names are expected to be missing.
+    keys = set(model.state_dict())
+    first = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    own, tied = keys & first, keys - first
+    missing, unexpected = set(own - set(state)), set(state) - own - tied
+    if missing or unexpected:
+        raise ValueError(f"state does not fit the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    result = set_model_state_dict(model, {k: v for k, v in state.items() if k in own},
+                                  options=StateDictOptions(full_state_dict=True, strict=False))
+    left = set(result.missing_keys) - tied
+    if left or result.unexpected_keys:
+        raise ValueError(f"state does not fit the model: missing {sorted(left)[:3]}, "
+                         f"unexpected {sorted(result.unexpected_keys)[:3]}")
 
 
 def load_optimizer_state(model: nn.Module, optimizer, state: dict, acc) -> None:
