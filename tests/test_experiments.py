@@ -55,3 +55,29 @@ def test_sweep_on_a_2x2_grid_collects_results_and_skips_finished_runs(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert again.returncode == 0 and again.stdout.count("finished, skipped") == 4
     assert stamps == {p: p.stat().st_mtime for p in tmp_path.glob("*/summary.json")}
+
+
+def test_an_interrupted_sweep_run_is_resumed_where_it_stopped_not_restarted(tmp_path):
+    import json
+    import shutil
+
+    from transformer_ln.sweep import run_grid
+
+    points = parse_grid(["residual=pre_ln", "depth=1", "lr=1e-3", "warmup=10", "seed=1"])
+    common = ["model.d_model=32", "model.d_ff=64", "model.n_heads=4", "data.synthetic_size=300",
+              "data.vocab_size=200", "train.max_updates=4", "train.save_every=2", "train.keep_last=5",
+              "train.bleu_at_end=false", "train.max_tokens=600", "train.valid_every=0"]
+    run = run_grid(points, tmp_path, overrides=common, cpu=True, log=lambda *_: None)[0]
+    uninterrupted = (run / "metrics.jsonl").read_text()
+    (run / "summary.json").unlink()  # as if killed after the checkpoint of update 2
+    shutil.rmtree(run / "checkpoints" / "update_00000004")
+    shutil.rmtree(run / "checkpoints" / "best")
+    said = []
+    run_grid(points, tmp_path, overrides=common, cpu=True, log=said.append)
+    assert "--resume" in said[0] and "--overwrite" not in said[0]
+    assert "resumed from" in (tmp_path / f"{points[0].name}.log").read_text()
+    assert json.loads((run / "summary.json").read_text())["updates"] == 4
+    def records(text):  # everything but the timings
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in text.splitlines()]
+
+    assert records((run / "metrics.jsonl").read_text()) == records(uninterrupted)  # every update once, bit-exact

@@ -1,7 +1,8 @@
 """Run a grid of training runs (residual x depth x lr x warmup x seed) and collect the paper's comparison table.
 
 Each run is a separate ``transformer_ln.train`` process (optionally under ``accelerate launch``) writing into
-``<out>/<name>/``; a run whose ``summary.json`` exists is finished and skipped, so a sweep can be rerun or resumed.
+``<out>/<name>/``; a run whose ``summary.json`` exists is finished and skipped, one with a checkpoint is resumed
+(``--resume``, bit-exact), so a sweep can be rerun or resumed.
 ``collect`` reads every run's ``summary.json`` and test evaluation (``eval_test_best.json``) into ``results.csv``
 and ``results.md``.
 """
@@ -70,9 +71,13 @@ def is_finished(run_dir: Path) -> bool:
 def train_command(config: str | None, point: Point, run_dir: Path, overrides: list[str], cpu: bool,
                   launcher: list[str] | None) -> list[str]:
     head = [*launcher, "-m", "transformer_ln.train"] if launcher else [sys.executable, "-m", "transformer_ln.train"]
-    args = ([config] if config else []) + list(overrides) + point.overrides() + [f"train.out_dir={run_dir}"]
-    if RunDir(run_dir).is_run():
-        args.append("--overwrite")  # an unfinished run restarts cleanly (only its own files are deleted)
+    run = RunDir(run_dir)
+    if run.has_checkpoints() and run.config.is_file():  # interrupted: go on exactly where it stopped
+        args = ["--resume", str(run_dir)] + list(overrides) + point.overrides()
+    else:
+        args = ([config] if config else []) + list(overrides) + point.overrides() + [f"train.out_dir={run_dir}"]
+        if run.is_run():
+            args.append("--overwrite")  # started, no checkpoint yet: restart (only its own files are deleted)
     return head + args + (["--cpu"] if cpu else [])
 
 
