@@ -38,7 +38,11 @@ from . import update as upd
 
 @dataclass
 class UpdateContext:
-    """What a callback sees after each optimizer update."""
+    """What a callback sees after each optimizer update.
+
+    ``model`` is the whole, unwrapped model. Under FSDP it is an unsharded copy gathered on the main process, and
+    callbacks run there only, on the updates a callback asks for with an ``every`` attribute (default: each one).
+    """
 
     update: int
     model: torch.nn.Module
@@ -185,7 +189,11 @@ class Trainer:
         self.state = State()
         self.optimizer = upd.build_optimizer(self.model, cfg, acc.device)
         self.model = self.model.to(acc.device)
-        restore = self._load_last() if resume else self._calibrate()  # Admin profiles before any wrapping
+        restore = None  # (checkpoint, optimizer and RNG states) of a resume, applied after prepare
+        if resume:
+            restore = self._load_last()
+        else:
+            self._calibrate()  # Admin profiles the whole model, before any wrapping
         self.raw_model = self.model
         train_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.model, self.optimizer = acc.prepare(train_model, self.optimizer)  # FSDP2 shards raw_model in place
@@ -336,12 +344,11 @@ class Trainer:
         batch = self._collate(next(iter(whole)))
         profile = self.model.scheme.calibrate(self.model, batch["src"], batch["tgt_in"], seed=self.cfg.train.seed)
         if profile is None:
-            return None
+            return
         if self.accelerator.is_main_process:
             write_text(self.rundir.profile, json.dumps(profile, indent=1))
         self.log(f"Admin profile: encoder omega {profile['encoder'][0]:.3f} .. {profile['encoder'][-1]:.3f}, "
                  f"decoder {profile['decoder'][0]:.3f} .. {profile['decoder'][-1]:.3f}")
-        return None
 
     # ---------------------------------------------------------------------------------------------- helpers
 
