@@ -34,7 +34,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="examples:\n  transformer-ln train --cpu\n"
                "  transformer-ln train experiments/configs/cpu_synthetic.yaml model.residual=admin "
                "model.n_enc_layers=12\n  transformer-ln train --resume runs/demo train.max_updates=2000\n"
-               "  accelerate launch -m transformer_ln.train CONFIG.yaml model.residual=pre_ln",
+               "  accelerate launch -m transformer_ln.train CONFIG.yaml model.residual=pre_ln\n"
+               "  accelerate launch --config_file experiments/accelerate/fsdp.yaml -m transformer_ln.train "
+               "CONFIG.yaml   # FSDP2 (GPUs)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
