@@ -207,3 +207,17 @@ def test_data_scale_benchmark_numbers_every_repeated_pair(tmp_path):
     de, en = src.read_text().splitlines(), tgt.read_text().splitlines()
     assert len(de) == len(en) == 5 and len(set(de)) == 5
     assert de[4] == f"4 {TYPED[0][0]}" and en[3] == f"3 {TYPED[1][1]}"
+
+
+def test_tokenizer_trained_in_its_own_process_is_the_same(tmp_path, monkeypatch):
+    from transformer_ln.data import store
+
+    corpus = write_corpus(tmp_path)
+    here = prepare_data(files_run_config(corpus, tmp_path / "c1"), None)
+    monkeypatch.setattr(store, "OWN_PROCESS_PAIRS", 1)  # every sample trains in a spawned process
+    there = prepare_data(files_run_config(corpus, tmp_path / "c2"), None)
+    assert there.tokenizer.to_str() == here.tokenizer.to_str()
+    everything = range(len(here.splits["train"]))
+    for k, v in here.batch("train", everything).items():
+        w = there.batch("train", everything)[k]
+        assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w

@@ -19,10 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -46,6 +49,7 @@ EVAL_TEXT_SPLITS = ("valid", "test")
 # DataConfig fields that say where data lives or how fast to build it, not what it is
 NOT_IN_KEY = ("cache_dir", "prepared", "num_proc")
 ENCODE_BATCH = 1000
+OWN_PROCESS_PAIRS = 100_000  # tokenizer samples from this size up train in their own process
 IDS = {"src_ids": ListOf(Value("int32")), "tgt_ids": ListOf(Value("int32"))}
 
 
@@ -89,19 +93,51 @@ def _encoder(tokenizer: Tokenizer, keep_text: bool):
     return encode
 
 
-def _training_pairs(ds: Dataset, sample: Optional[int]) -> tuple[Iterator[tuple[str, str]], int]:
-    """Stripped non-empty pairs for the BPE, streamed in batches; a seeded sample of ``sample`` pairs if smaller."""
+def _training_pairs(box: list, sample: Optional[int]) -> tuple[Iterator[tuple[str, str]], int]:
+    """Stripped non-empty pairs for the BPE, streamed in batches; a seeded sample of ``sample`` pairs if smaller.
+
+    ``box`` holds the dataset and is emptied: once the pairs are read nothing refers to it, so its memory-mapped
+    text pages are unmapped before the BPE's merges, its peak, begin.
+    """
+    ds = box.pop()
     if sample is not None and sample < len(ds):
         rows = np.sort(np.random.default_rng(0).choice(len(ds), size=sample, replace=False))
         ds = ds.select(rows)
+    box.append(ds)
 
     def gen() -> Iterator[tuple[str, str]]:
-        for batch in ds.iter(batch_size=10_000):
+        for batch in box[0].iter(batch_size=10_000):
             for s, t in zip(batch["src"], batch["tgt"]):
                 s, t = s.strip(), t.strip()
                 if s and t:
                     yield s, t
+        box.clear()
     return gen(), len(ds)
+
+
+def _train_to_file(box: list, sample: Optional[int], vocab_size: int, progress: bool, path: str) -> int:
+    """Train the BPE on (a sample of) the dataset in ``box`` and save it to ``path``; returns the pairs sampled."""
+    pairs, n = _training_pairs(box, sample)
+    save_tokenizer(train_tokenizer(pairs, vocab_size, n_pairs=n, show_progress=progress), path)
+    return n
+
+
+def _train_tokenizer_file(ds: Dataset, data_cfg: DataConfig, progress: bool, path: Path) -> int:
+    """``_train_to_file``, in a fresh process when the sample is large.
+
+    Why: the BPE's tables (about 0.6 GB for 1M numbered pairs) are freed after training, but the allocator keeps the
+    pages, so the encoding workers forked next and the training run itself would carry them; a process that exits
+    gives them back. Small corpora train in place: starting a process costs more than they do.
+    """
+    args = ([ds], data_cfg.tokenizer_sample, data_cfg.vocab_size, progress, str(path))
+    if min(len(ds), data_cfg.tokenizer_sample or len(ds)) < OWN_PROCESS_PAIRS:
+        return _train_to_file(*args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_train_to_file, *args).result()
+        except BrokenProcessPool:
+            raise UserError("the tokenizer training process died (out of memory?); lower data.tokenizer_sample "
+                            "to train the BPE on fewer pairs") from None
 
 
 def _rel_files(root: Path, ds: Dataset) -> list[str]:
@@ -124,10 +160,10 @@ def build_prepared(data_cfg: DataConfig, out: Path, num_proc: int = 1, progress:
         # the text's own Arrow cache lives in the temporary directory and goes with it (hub downloads excepted)
         raw_cache = None if data_cfg.source == "hub" else tmp / "raw"
         raw, origin = load_raw(data_cfg, raw_cache or data_cfg.cache_dir)
-        pairs_iter, n_tok_pairs = _training_pairs(raw["train"], data_cfg.tokenizer_sample)
+        n_tok_pairs = min(len(raw["train"]), data_cfg.tokenizer_sample or len(raw["train"]))
         log.info("training the tokenizer (vocabulary %d) on %d training pairs", data_cfg.vocab_size, n_tok_pairs)
-        tokenizer = train_tokenizer(pairs_iter, data_cfg.vocab_size, n_pairs=n_tok_pairs, show_progress=progress)
-        save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
+        _train_tokenizer_file(raw["train"], data_cfg, progress, tmp / TOKENIZER_FILE)
+        tokenizer = load_tokenizer(tmp / TOKENIZER_FILE)
         t_tok = time.time() - t0
         manifest: dict = {"format": FORMAT, "key": cache_key(data_cfg), "settings": data_settings(data_cfg),
                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
