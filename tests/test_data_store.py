@@ -1,4 +1,6 @@
 """The memory-mapped data path against the list-based one it replaced: same tokenizer, same batches, same tensors."""
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +223,33 @@ def test_tokenizer_trained_in_its_own_process_is_the_same(tmp_path, monkeypatch)
     for k, v in here.batch("train", everything).items():
         w = there.batch("train", everything)[k]
         assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+
+
+def test_a_killed_tokenizer_process_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import multiprocessing
+    import signal
+    import threading
+
+    from transformer_ln.data import store
+    from transformer_ln.errors import UserError
+
+    corpus = write_corpus(tmp_path)
+    monkeypatch.setattr(store, "OWN_PROCESS_PAIRS", 1)
+    done = threading.Event()
+
+    def kill_the_child():  # an injected fault: the OOM killer's SIGKILL, as soon as the process exists
+        while not done.is_set():
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_child)
+    killer.start()
+    try:
+        with pytest.raises(UserError, match="tokenizer training process failed .*out of memory"):
+            prepare_data(files_run_config(corpus, tmp_path / "cache"), None)
+    finally:
+        done.set()
+        killer.join()
+    assert not any((tmp_path / "cache").iterdir())

@@ -24,8 +24,6 @@ import os
 import shutil
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -115,14 +113,13 @@ def _training_pairs(box: list, sample: Optional[int]) -> tuple[Iterator[tuple[st
     return gen(), len(ds)
 
 
-def _train_to_file(box: list, sample: Optional[int], vocab_size: int, progress: bool, path: str) -> int:
-    """Train the BPE on (a sample of) the dataset in ``box`` and save it to ``path``; returns the pairs sampled."""
+def _train_to_file(box: list, sample: Optional[int], vocab_size: int, progress: bool, path: str) -> None:
+    """Train the BPE on (a sample of) the dataset in ``box`` and save it to ``path``."""
     pairs, n = _training_pairs(box, sample)
     save_tokenizer(train_tokenizer(pairs, vocab_size, n_pairs=n, show_progress=progress), path)
-    return n
 
 
-def _train_tokenizer_file(ds: Dataset, data_cfg: DataConfig, progress: bool, path: Path) -> int:
+def _train_tokenizer_file(ds: Dataset, data_cfg: DataConfig, progress: bool, path: Path) -> None:
     """``_train_to_file``, in a fresh process when the sample is large.
 
     Why: the BPE's tables (about 0.6 GB for 1M numbered pairs) are freed after training, but the allocator keeps the
@@ -132,12 +129,18 @@ def _train_tokenizer_file(ds: Dataset, data_cfg: DataConfig, progress: bool, pat
     args = ([ds], data_cfg.tokenizer_sample, data_cfg.vocab_size, progress, str(path))
     if min(len(ds), data_cfg.tokenizer_sample or len(ds)) < OWN_PROCESS_PAIRS:
         return _train_to_file(*args)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(_train_to_file, *args).result()
-        except BrokenProcessPool:
-            raise UserError("the tokenizer training process died (out of memory?); lower data.tokenizer_sample "
-                            "to train the BPE on fewer pairs") from None
+    proc = multiprocessing.get_context("spawn").Process(target=_train_to_file, args=args, daemon=True)
+    proc.start()
+    try:
+        proc.join()
+    finally:  # Ctrl-C: do not wait for the merges to finish
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+    if proc.exitcode:
+        raise UserError(f"the tokenizer training process failed (exit code {proc.exitcode}"
+                        + ("; killed: out of memory? lower data.tokenizer_sample" if proc.exitcode < 0 else
+                           "; its error is above") + ")")
 
 
 def _rel_files(root: Path, ds: Dataset) -> list[str]:
