@@ -19,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -129,17 +131,14 @@ def _train_tokenizer_file(ds: Dataset, data_cfg: DataConfig, progress: bool, pat
     args = ([ds], data_cfg.tokenizer_sample, data_cfg.vocab_size, progress, str(path))
     if min(len(ds), data_cfg.tokenizer_sample or len(ds)) < OWN_PROCESS_PAIRS:
         return _train_to_file(*args)
-    proc = multiprocessing.get_context("spawn").Process(target=_train_to_file, args=args, daemon=True)
-    proc.start()
-    try:
-        proc.join()
-    finally:  # Ctrl-C: do not wait for the merges to finish
-        if proc.is_alive():
-            proc.terminate()
-            proc.join()
-    if proc.exitcode:
-        raise UserError(f"the tokenizer training process failed (exit code {proc.exitcode}"
-                        + ("; killed: out of memory? lower data.tokenizer_sample" if proc.exitcode < 0 else
+    # stderr stays the caller's (progress bars); Ctrl-C or an error here kills the child (subprocess.run)
+    here = str(Path(__file__).resolve().parents[2])  # the child imports this same copy of transformer_ln
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "transformer_ln.data.bpe_process"], input=pickle.dumps(args),
+                          env=env)
+    if proc.returncode:
+        raise UserError(f"the tokenizer training process failed (exit code {proc.returncode}"
+                        + ("; killed: out of memory? lower data.tokenizer_sample" if proc.returncode < 0 else
                            "; its error is above") + ")")
 
 
@@ -213,12 +212,22 @@ def build_prepared(data_cfg: DataConfig, out: Path, num_proc: int = 1, progress:
 
 
 def _lengths_from_arrow(ds: Dataset) -> np.ndarray:
+    """(rows, 2) token lengths of ``ds`` (``map``'s output), its Arrow files read batch by batch, not mapped: mapping
+    them to read the offsets would fault in most of the ids' pages (the kernel maps pages around each access)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     out = np.zeros((len(ds), 2), dtype=np.int32)
-    if len(ds):
-        for j, col in enumerate(("src_ids", "tgt_ids")):
-            out[:, j] = pc.list_value_length(ds.data.column(col)).to_numpy()
+    row = 0
+    for f in ds.cache_files:
+        with pa.OSFile(f["filename"]) as stream:
+            for batch in pa.ipc.open_stream(stream):
+                n = batch.num_rows
+                for j, col in enumerate(("src_ids", "tgt_ids")):
+                    out[row:row + n, j] = pc.list_value_length(batch.column(col)).to_numpy()
+                row += n
+    if row != len(ds):
+        raise AssertionError(f"read {row} rows of lengths from {ds.cache_files}, the dataset has {len(ds)}")
     return out
 
 
