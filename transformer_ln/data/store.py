@@ -48,7 +48,9 @@ TOKENIZER_FILE = "tokenizer.json"
 EVAL_TEXT_SPLITS = ("valid", "test")
 # DataConfig fields that say where data lives or how fast to build it, not what it is
 NOT_IN_KEY = ("cache_dir", "prepared", "num_proc")
-ENCODE_BATCH = 1000
+ENCODE_BATCH = 10_000  # rows per encode call and per Arrow record batch: opening a split faults in the pages
+# around each batch's header, so fewer, larger batches keep less of the file resident
+PARALLEL_MIN = 2000  # rows per encoding process below which forking is not worth it
 OWN_PROCESS_PAIRS = 100_000  # tokenizer samples from this size up train in their own process
 IDS = {"src_ids": ListOf(Value("int32")), "tgt_ids": ListOf(Value("int32"))}
 
@@ -175,13 +177,14 @@ def build_prepared(data_cfg: DataConfig, out: Path, num_proc: int = 1, progress:
             keep_text = split in EVAL_TEXT_SPLITS
             feats = Features({**({"src": Value("string"), "tgt": Value("string")} if keep_text else {}), **IDS})
             (tmp / split).mkdir()
-            parallel = num_proc > 1 and len(ds) >= 2 * ENCODE_BATCH * num_proc  # worth forking for
+            parallel = num_proc > 1 and len(ds) >= PARALLEL_MIN * num_proc  # worth forking for
             if parallel:  # the workers encode single-threaded: no fork warning from tokenizers, no oversubscription
                 os.environ["TOKENIZERS_PARALLELISM"] = "false"
             enc = ds.map(_encoder(tokenizer, keep_text), batched=True, batch_size=ENCODE_BATCH,
                          remove_columns=ds.column_names, features=feats, num_proc=num_proc if parallel else None,
                          cache_file_name=str(tmp / split / "data.arrow"), load_from_cache_file=False,
-                         new_fingerprint=f"{manifest['key']}-{split}", desc=f"Encoding {split}")
+                         new_fingerprint=f"{manifest['key']}-{split}", desc=f"Encoding {split}",
+                         writer_batch_size=ENCODE_BATCH)
             if parallel:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None) if saved_env is None else \
                     os.environ.__setitem__("TOKENIZERS_PARALLELISM", saved_env)
