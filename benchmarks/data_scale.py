@@ -8,11 +8,12 @@ model twice on it:
 - cold: empty ``data.cache_dir``: tokenizer training, encoding, then training;
 - warm: a new run directory, the same ``data.cache_dir``: the prepared data is reused.
 
-and reports peak RSS (``wait4``'s ``ru_maxrss``: the run and the encoding workers it started, file-backed pages
-included), the peak anonymous and file-backed RSS of the main process (sampled from /proc every 50 ms), the time from
-the command's start to its first logged update, its CPU seconds (user + system, workers included: a figure that
-does not depend on how busy the machine is), the 1-minute load average when it ended, the cold preprocessing
-throughput (pairs / seconds of tokenizer training plus encoding, from the manifest), and the prepared size on disk.
+and reports peak RSS (``wait4``'s ``ru_maxrss``: the largest of the run and the processes it started, tokenizer
+training and encoding workers; file-backed pages included), the peak anonymous and file-backed RSS of the main
+process (sampled from /proc every 50 ms), the time from the command's start to its first logged update, its CPU
+seconds (user + system, workers included: a figure that does not depend on how busy the machine is), the 1-minute
+load average when it ended, the cold preprocessing throughput (pairs / seconds of tokenizer training plus encoding,
+from the manifest), and the prepared size on disk.
 Everything it writes is deleted at the end (``--keep`` keeps it).
 
     python benchmarks/data_scale.py --sizes 500000,1000000,2000000,4500000 --json data_scale.json

@@ -29,7 +29,8 @@ def train_tokenizer(pairs: Iterable[tuple[str, str]], vocab_size: int, n_pairs: 
     """Train a joint BPE on both sides of ``pairs`` (the training split only), read once from any iterable.
 
     ``train_from_iterator`` consumes the text in chunks, so the corpus itself is never held in memory; what grows
-    is the table of distinct words (cap it with ``data.tokenizer_sample``). ``n_pairs`` only sizes the progress bar.
+    is the table of distinct words (cap it with ``data.tokenizer_sample``; ``store.build_prepared`` trains large
+    samples in their own process, so the table goes back to the OS). ``n_pairs`` only sizes the progress bar.
     """
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()
