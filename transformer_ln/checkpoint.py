@@ -218,10 +218,6 @@ def apply_optimizer_and_rng(model, optimizer, ckpt: Path, states: tuple[dict, di
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def load_optimizer_and_rng(optimizer, ckpt: Path, rank: int = 0) -> None:
-    """Read and apply in one step (an unsharded optimizer)."""
-    apply_optimizer_and_rng(None, optimizer, ckpt, read_optimizer_and_rng(ckpt, rank))
-
 
 def average_checkpoints(run_dir: str | Path, last: int) -> Path:
     """Mean of the float parameters of the last ``last`` update checkpoints -> ``checkpoints/averaged``."""
