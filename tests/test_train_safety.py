@@ -165,6 +165,21 @@ def test_a_run_killed_in_its_first_checkpoint_write_starts_again(finished, tmp_p
     assert train(run)["updates"] == 4 and [r["update"] for r in records(run)] == [1, 2, 3, 4]
 
 
+def test_a_run_killed_while_copying_its_last_checkpoint_as_best_finishes_that_copy(finished, tmp_path):
+    """Found by tests/fault_injection.py (CI, N=2): killed while writing .best.tmp after the last checkpoint."""
+    run = copy_of(finished, tmp_path)
+    last = update_checkpoints(run)[-1]
+    shutil.rmtree(run / "checkpoints" / "best")
+    shutil.copytree(update_checkpoints(run)[0], run / "checkpoints" / "best")  # best still the earlier update
+    shutil.copytree(last, run / "checkpoints" / ".best.tmp")
+    (run / "checkpoints" / ".best.tmp" / "model.safetensors").write_bytes(b"half")
+    (run / "summary.json").unlink()
+    assert train(run, resume=True)["updates"] == 4
+    best = run / "checkpoints" / "best"
+    assert (best / "model.safetensors").read_bytes() == (last / "model.safetensors").read_bytes()
+    assert not (run / "checkpoints" / ".best.tmp").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- 3 lock
 
 

@@ -245,6 +245,7 @@ class Trainer:
             if self.resume:
                 for what in run.tidy_checkpoints():
                     print(f"note: {run}: {what} (left by an interrupted checkpoint write)", file=sys.stderr)
+                self._finish_last_save()
                 if not run.has_checkpoints():
                     raise UserError(f"cannot resume: {run} has no complete checkpoint yet (expected "
                                     f"{run.checkpoints}/update_*); start the run again without --resume")
@@ -260,6 +261,24 @@ class Trainer:
         except BaseException:
             self.lock.release()
             raise
+
+    def _finish_last_save(self) -> None:
+        """A kill after a checkpoint was renamed into place but before ``save`` copied it as ``best`` (and pruned)
+        leaves ``best`` one checkpoint behind: finish that save, as the uninterrupted run did."""
+        found = ckpt_lib.update_checkpoints(self.run_dir)
+        if not found:
+            return
+        best = self.rundir.checkpoints / "best"
+        try:
+            newest = json.loads((found[-1] / "trainer_state.json").read_text())
+            held = json.loads((best / "trainer_state.json").read_text()).get("update") if best.is_dir() else None
+        except (OSError, ValueError):
+            return  # the load explains an unreadable checkpoint; an unreadable best is replaced by the next save
+        if newest.get("best_update") == newest.get("update") and held != newest.get("update"):
+            ckpt_lib.copy_as(found[-1], "best")
+            print(f"note: {self.rundir}: copied {found[-1].name} as best, which an interrupted save had not done",
+                  file=sys.stderr)
+        ckpt_lib.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
 
     def _already_finished(self) -> Optional[str]:
         """A finished run under the same stopping rule resumes to nothing; returns why, or None."""
