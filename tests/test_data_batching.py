@@ -116,3 +116,23 @@ def test_dataloader_with_sampler_and_collate():
     sampler.set_epoch(1)
     n = sum(batch["nsentences"] for batch in DataLoader(ds, batch_sampler=sampler, collate_fn=collate))
     assert n == 200
+
+
+def test_an_epoch_of_index_arrays_is_the_epoch_and_costs_no_python_int_per_example():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n = 200_000
+    src, tgt = rng.integers(3, 60, n), rng.integers(3, 60, n)
+    for shard in (0, 1):
+        s = TokenBatchSampler(src, tgt, max_tokens=2000, seed=3, shuffle=True, num_shards=2, shard_id=shard)
+        s.set_epoch(2)
+        assert [a.tolist() for a in s.shard_arrays()] == list(s)  # the same batches, in the same order
+    tracemalloc.start()
+    s.shard_arrays()
+    arrays = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    list(s)
+    lists = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert arrays < 2 * n / 2 < lists  # per example of the shard: under 2 bytes as views, over 2 as Python lists

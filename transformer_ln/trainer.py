@@ -395,11 +395,12 @@ class Trainer:
             return None
         return self._to_device(self.data.batch("train", ix))
 
-    def _batches_of_epoch(self, epoch: int) -> list[list[int] | None]:
-        """This process's batches for the epoch, padded with ``None`` so every process has the same count."""
+    def _batches_of_epoch(self, epoch: int) -> list:
+        """This process's batches for the epoch (index arrays), padded with ``None`` so every process has the same
+        count."""
         if self._epoch_batches[0] != epoch:
             self.sampler.set_epoch(epoch)
-            mine: list = list(self.sampler)
+            mine: list = self.sampler.shard_arrays()
             per_shard = getattr(self.sampler, "batches_per_shard", len(mine))
             self._epoch_batches = (epoch, mine + [None] * (per_shard - len(mine)))
         return self._epoch_batches[1]

@@ -111,6 +111,11 @@ class TokenBatchSampler:
         for b in self._shard():
             yield self.batches[b].tolist()
 
+    def shard_arrays(self) -> list[np.ndarray]:
+        """This shard's batches for the epoch, as ``__iter__`` yields them but as index arrays: views of one
+        array, so a whole epoch's list costs a few bytes per batch, not a Python int per example."""
+        return [self.batches[b] for b in self._shard()]
+
     def __len__(self) -> int:
         if self.even:
             return self.batches_per_shard
