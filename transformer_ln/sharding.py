@@ -21,8 +21,9 @@ from torch import nn
 from .errors import UserError
 
 FSDP1_UNSUPPORTED = (
-    "this run was launched with FSDP version 1 (accelerate's default); the trainer supports accelerate's FSDP2 (fully_shard): launch with "
-    "`accelerate launch --use_fsdp --fsdp_version 2 ...` (or `fsdp_version: 2` in the accelerate config)")
+    "this run was launched with FSDP version 1 (accelerate's default); the trainer supports accelerate's FSDP2 "
+    "(fully_shard): launch with `accelerate launch --use_fsdp --fsdp_version 2 ...` (or `fsdp_version: 2` in the "
+    "accelerate config)")
 FSDP_NOT_ENABLED = (
     "this run was launched with FSDP (`--use_fsdp` / ACCELERATE_USE_FSDP=true) but accelerate did not shard the "
     "model: accelerate enables FSDP only on accelerator devices (GPUs), never for CPU processes, and would train "
@@ -30,7 +31,7 @@ FSDP_NOT_ENABLED = (
 
 
 def is_sharded(acc) -> bool:
-    """True when ``acc`` shards the model (accelerate's FSDP2)."""
+    """True when ``acc`` shards the model (accelerate's FSDP; ``check_launch`` admits version 2 only)."""
     from accelerate.utils import DistributedType
 
     return acc is not None and acc.distributed_type == DistributedType.FSDP
