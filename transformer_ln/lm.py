@@ -242,8 +242,8 @@ def train_lm(cfg: LMConfig, out_dir: Optional[str | Path] = None, progress: bool
         if metrics_file is not None:
             metrics_file.close()
     best = min(history, key=lambda r: r["valid_nll"])
-    summary = {"status": status, "diverged_at": diverged_at, "updates": history[-1]["update"], "final_valid_ppl": history[-1]["valid_ppl"],
-               "best_valid_ppl": best["valid_ppl"], "seconds": time.perf_counter() - t0,
+    summary = {"status": status, "diverged_at": diverged_at, "updates": history[-1]["update"],
+               "final_valid_ppl": history[-1]["valid_ppl"], "best_valid_ppl": best["valid_ppl"], "seconds": time.perf_counter() - t0,
                "vocab_size": tok.get_vocab_size(), "train_sentences": len(train), "valid_sentences": len(valid),
                "parameters": sum(p.numel() for p in model.parameters()), "history": history}
     if out is not None:
