@@ -557,18 +557,11 @@ class Trainer:
         st.last_valid_update = st.update
         sampler = self.data.sampler("valid", self.cfg.train.max_tokens, seed=0, shuffle=False,
                                     num_shards=acc.num_processes, shard_id=acc.process_index)
-        mine = list(sampler)
-        # The same number of forward passes on every process (FSDP all-gathers in each); fillers are not counted.
-        mine += [None] * (getattr(sampler, "batches_per_shard", len(mine)) - len(mine))
+        mine = sampler.shard_arrays()
+        mine += [None] * (sampler.batches_per_shard - len(mine))  # the same forward passes on every process
         self.raw_model.eval()
-        sums = torch.zeros(3, device=acc.device)
-        for ix in mine:
-            b = self._to_device(self.data.batch("valid", ix)) if ix is not None else upd.empty_batch(acc.device)
-            with acc.autocast():
-                loss, nll = upd.compute_loss(self.raw_model, b, self.cfg.optim.label_smoothing, self.pad_id)
-            if ix is not None:
-                sums += torch.stack([loss.float(), nll.float(), torch.tensor(float(b["ntokens"]), device=acc.device)])
-        sums = acc.reduce(sums, reduction="sum").tolist()
+        batches = (self._to_device(self.data.batch("valid", ix)) if ix is not None else None for ix in mine)
+        sums = upd.loss_sums(acc, self.raw_model, batches, self.cfg).tolist()
         loss = sums[0] / max(sums[2], 1) / math.log(2)
         nll = sums[1] / max(sums[2], 1) / math.log(2)
         rec = {"kind": "valid", "update": st.update, "epoch": st.epoch, "loss": loss, "nll": nll,

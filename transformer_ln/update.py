@@ -111,13 +111,22 @@ def probe_loss(acc, raw_model, group: list[dict | None], cfg: RunConfig) -> floa
     """
     was_training = raw_model.training
     raw_model.eval()
-    sums = torch.zeros(2, device=acc.device)
-    for b in group:  # a None runs a filler, not counted: the same forward passes on every process (FSDP)
-        with acc.autocast():
-            loss, _ = compute_loss(raw_model, b if b is not None else empty_batch(acc.device),
-                                   cfg.optim.label_smoothing, cfg.model.pad_id)
-        if b is not None:
-            sums += torch.stack([loss.float(), torch.tensor(float(b["ntokens"]), device=acc.device)])
+    total = loss_sums(acc, raw_model, group, cfg).tolist()
     raw_model.train(was_training)
-    total = acc.reduce(sums, reduction="sum").tolist()
-    return total[0] / max(total[1], 1.0) / math.log(2)
+    return total[0] / max(total[2], 1.0) / math.log(2)
+
+
+def loss_sums(acc, model, batches, cfg: RunConfig) -> torch.Tensor:
+    """(label-smoothed loss, nll, target tokens) summed over ``batches`` and every process, in the model's mode.
+
+    A ``None`` batch runs a filler that is not counted, so every process runs the same number of forward passes
+    (FSDP all-gathers parameters in each).
+    """
+    sums = torch.zeros(3, device=acc.device)
+    for b in batches:
+        with acc.autocast():
+            loss, nll = compute_loss(model, b if b is not None else empty_batch(acc.device),
+                                     cfg.optim.label_smoothing, cfg.model.pad_id)
+        if b is not None:
+            sums += torch.stack([loss.float(), nll.float(), torch.tensor(float(b["ntokens"]), device=acc.device)])
+    return acc.reduce(sums, reduction="sum")
