@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transformer_ln.admin import admin_init
+from transformer_ln.model.admin import admin_init
 from transformer_ln.diagnostics import build_model, depth_sweep, gradient_norms, random_batch, residual_dependency
 from transformer_ln.diagnostics.cli import write_json
 from transformer_ln.diagnostics.depth_sweep import mean_ci95
 from transformer_ln.diagnostics.output_change import definition
-from transformer_ln.norms import NORMS
-from transformer_ln.plotting import plot_dependency, plot_grad_norms, plot_output_change
-from transformer_ln.residual import SCHEMES
+from transformer_ln.model.norms import NORMS
+from transformer_ln.diagnostics.plotting import plot_dependency, plot_grad_norms, plot_output_change
+from transformer_ln.model.schemes import SCHEMES
 
 DEPTHS = (1, 2, 4, 8, 16, 32, 50, 64, 100)
 SCHEME_SWEEP_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 50)

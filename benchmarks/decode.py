@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import SHAPES, check_device, our_model  # noqa: E402
-from transformer_ln.search import beam_search  # noqa: E402
+from transformer_ln.evaluation.search import beam_search  # noqa: E402
 
 EOS = 2
 MODES = {  # name -> beam_search keyword arguments

@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformer_ln.atomic import write_text  # noqa: E402
-from transformer_ln.rnn import LayerNormLSTM  # noqa: E402
+from transformer_ln.recurrent.rnn import LayerNormLSTM  # noqa: E402
 
 BASELINE = "nn.LSTM"
 

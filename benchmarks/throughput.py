@@ -35,9 +35,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformer_ln.config import ModelConfig  # noqa: E402
-from transformer_ln.layers import sinusoidal_table  # noqa: E402
-from transformer_ln.model import Seq2SeqTransformer  # noqa: E402
-from transformer_ln.residual import SCHEMES as REGISTRY  # noqa: E402
+from transformer_ln.model.layers import sinusoidal_table  # noqa: E402
+from transformer_ln.model.seq2seq import Seq2SeqTransformer  # noqa: E402
+from transformer_ln.model.schemes import SCHEMES as REGISTRY  # noqa: E402
 
 PAD = 0
 SCHEMES = tuple(REGISTRY)

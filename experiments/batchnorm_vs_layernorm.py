@@ -2,7 +2,7 @@
 batch size, BatchNorm degrades at small batches and differs between training and test).
 
 One recipe (``experiments/configs/cpu_synthetic.yaml``, 3L-3L Post-LN by default) trained at every
-``train.max_tokens`` with ``model.norm=layernorm`` and ``batchnorm``, through ``transformer_ln.sweep`` (finished runs
+``train.max_tokens`` with ``model.norm=layernorm`` and ``batchnorm``, through ``transformer_ln.training.sweep`` (finished runs
 are skipped: rerun to resume). Then, per run: best valid nll, test BLEU, and the valid nll of the best checkpoint
 with each batch's own statistics instead of the running averages (BatchNorm's train/eval gap; zero for LN).
 
@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transformer_ln import ln_study  # noqa: E402
+from transformer_ln.recurrent import study as ln_study  # noqa: E402
 from transformer_ln.atomic import write_text  # noqa: E402
 from transformer_ln.cli import run_command  # noqa: E402
-from transformer_ln.sweep import Point, run_grid  # noqa: E402
+from transformer_ln.training.sweep import Point, run_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

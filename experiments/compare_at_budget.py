@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from transformer_ln.plotting import read_run, scheme_label
+from transformer_ln.diagnostics.plotting import read_run, scheme_label
 
 
 def row(run_dir: Path, budget: int) -> dict:

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformer_ln import LayerNormLSTM, LayerNormRNN, ModelConfig, Seq2SeqTransformer  # noqa: E402
-from transformer_ln import ln_study  # noqa: E402
+from transformer_ln.recurrent import study as ln_study  # noqa: E402
 from transformer_ln.atomic import write_text  # noqa: E402
 
 FACTOR = 3.0

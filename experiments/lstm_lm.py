@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from transformer_ln import ln_study  # noqa: E402
+from transformer_ln.recurrent import study as ln_study  # noqa: E402
 from transformer_ln.atomic import write_text  # noqa: E402
 from transformer_ln.errors import UserError  # noqa: E402
-from transformer_ln.lm import LMConfig, load_texts, train_lm  # noqa: E402
+from transformer_ln.recurrent.lm import LMConfig, load_texts, train_lm  # noqa: E402
 
 NORMS = {"layernorm": "layernorm", "none": None}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a grid of training runs and collect results.md / results.csv and the plots (thin over transformer_ln.sweep).
+"""Run a grid of training runs and collect results.md / results.csv and the plots (thin over transformer_ln.training.sweep).
 
   python experiments/sweep.py experiments/configs/cpu_synthetic.yaml --out runs/sweep \
       --grid residual=post_ln,pre_ln,admin depth=3,12 lr=2e-3 warmup=100 seed=1 -- train.max_updates=300
@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from transformer_ln.cli import run_command
-from transformer_ln.residual import SCHEMES
-from transformer_ln.sweep import collect, parse_grid, plot_sweep, run_grid
+from transformer_ln.model.schemes import SCHEMES
+from transformer_ln.training.sweep import collect, parse_grid, plot_sweep, run_grid
 
 
 def main(argv: list[str]) -> int:

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from transformer_ln import ModelConfig, Seq2SeqTransformer, admin, admin_init
-from transformer_ln.residual import OmegaResidual
+from transformer_ln import ModelConfig, Seq2SeqTransformer, admin_init
+from transformer_ln.model import admin
+from transformer_ln.model.schemes import OmegaResidual
 
 from conftest import tiny_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from transformer_ln.losses import label_smoothed_nll_loss
+from transformer_ln.training.losses import label_smoothed_nll_loss
 
 
 def _compiled_or_skip(fn, *args):

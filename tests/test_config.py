@@ -122,7 +122,7 @@ def test_choice_fields_are_literal_types():
     import typing
 
     from transformer_ln.config import RESIDUALS
-    from transformer_ln.sections import choices
+    from transformer_ln.config.sections import choices
 
     hints = typing.get_type_hints(ModelConfig)
     assert typing.get_origin(hints["residual"]) is typing.Literal and choices(hints["residual"]) == RESIDUALS
@@ -131,7 +131,7 @@ def test_choice_fields_are_literal_types():
 def test_one_config_grammar_with_options_anywhere(tmp_path):
     import transformer_ln.data.cli as data_cli
     import transformer_ln.train as train_mod
-    from transformer_ln.cli import config_from_arguments
+    from transformer_ln.config.parser import config_from_arguments
     from transformer_ln.diagnostics.cli import build_parser
 
     path = tmp_path / "c.yaml"

@@ -401,7 +401,7 @@ def test_cli_run_directory_uses_load_model(tmp_path, monkeypatch):
     def load_model(run_dir, which="best"):
         calls.append((run_dir, which))
         return hand_model("admin").float(), None
-    monkeypatch.setitem(sys.modules, "transformer_ln.checkpoint", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setitem(sys.modules, "transformer_ln.runs.checkpoint", types.SimpleNamespace(load_model=load_model))
     (tmp_path / "run").mkdir()
     with pytest.raises(UserError, match="max_positions"):
         analyze(["dependency", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
@@ -573,7 +573,7 @@ def test_admin_init_on_a_plain_stack_of_our_layers_equals_the_model_profile():
     from torch import nn
 
     from transformer_ln import EncoderLayer
-    from transformer_ln.admin import admin_init
+    from transformer_ln.model.admin import admin_init
 
     torch.manual_seed(0)
     cfg = ModelConfig(src_vocab_size=V, tgt_vocab_size=V, d_model=D, n_heads=H, d_ff=16, n_enc_layers=3,

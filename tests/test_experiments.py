@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transformer_ln import Seq2SeqTransformer, load_run_config
-from transformer_ln.sweep import parse_grid
+from transformer_ln.training.sweep import parse_grid
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
@@ -61,7 +61,7 @@ def test_an_interrupted_sweep_run_is_resumed_where_it_stopped_not_restarted(tmp_
     import json
     import shutil
 
-    from transformer_ln.sweep import run_grid
+    from transformer_ln.training.sweep import run_grid
 
     points = parse_grid(["residual=pre_ln", "depth=1", "lr=1e-3", "warmup=10", "seed=1"])
     common = ["model.d_model=32", "model.d_ff=64", "model.n_heads=4", "data.synthetic_size=300",

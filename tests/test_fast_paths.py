@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer_ln.layers import Dropout, _attention_with_dropout_cpu, dropout
+from transformer_ln.model.layers import Dropout, _attention_with_dropout_cpu, dropout
 
 
 @pytest.mark.parametrize("causal", [False, True])

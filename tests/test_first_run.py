@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from transformer_ln.cli import resolve_config
+from transformer_ln.config.parser import resolve_config
 from transformer_ln.config import DEMO, RunConfig
 
 from conftest import TINY_RUN
@@ -62,7 +62,7 @@ def test_files_run_without_config_uses_library_defaults_and_prints_where_setting
 
 def test_config_command_lists_every_key_with_help_and_writes_a_starter_yaml(tmp_path, capsys):
     from transformer_ln.cli import main as cli_main
-    from transformer_ln.config_cli import rows
+    from transformer_ln.config.cli import rows
 
     table = rows()
     flat = {f"{s}.{k}" for s, sec in RunConfig().to_dict().items() for k in sec}
@@ -156,7 +156,7 @@ def test_trackers_are_accelerates_and_a_missing_package_is_one_line(tmp_path):
 
     from transformer_ln.config import TRACKERS, ConfigError
     from transformer_ln.errors import UserError
-    from transformer_ln.trainer import trackers
+    from transformer_ln.training.trainer import trackers
     from conftest import tiny_run_config
 
     assert set(TRACKERS) == set(tracking.LOGGER_TYPE_TO_CLASS)
@@ -171,7 +171,7 @@ def test_trackers_are_accelerates_and_a_missing_package_is_one_line(tmp_path):
 
 def _fake_run(folder: Path, omega: bool) -> Path:
     """A run directory as the trainer leaves it (metrics.jsonl, summary.json), written by hand."""
-    from transformer_ln.rundir import Summary
+    from transformer_ln.runs.rundir import Summary
 
     folder.mkdir(parents=True)
     recs = [{"kind": "train", "update": u, "loss": 9.0 - u, "lr": 1e-4 * u, "grad_norm": 1.0 + u,
@@ -186,7 +186,7 @@ def test_curves_figure_reads_well_and_analyze_prints_its_numbers(tmp_path, capsy
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from transformer_ln.diagnostics.cli import main as analyze
-    from transformer_ln.plotting import curves_figure
+    from transformer_ln.diagnostics.plotting import curves_figure
 
     plain, admin = _fake_run(tmp_path / "post_ln", False), _fake_run(tmp_path / "admin", True)
     for runs, has_omega in (([plain], False), ([plain, admin], True)):
@@ -208,7 +208,7 @@ def test_single_scheme_dependency_figure_keeps_its_title_inside(monkeypatch):
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    import transformer_ln.plotting as plotting
+    import transformer_ln.diagnostics.plotting as plotting
 
     figures = []
     monkeypatch.setattr(plotting, "save", lambda fig, out, dpi=150: figures.append(fig) or [])

@@ -103,8 +103,8 @@ def test_fsdp_resume_is_bit_exact(runs):
 def test_a_run_trained_sharded_is_evaluated_and_resumed_unsharded(runs, tmp_path):
     import shutil
 
-    from transformer_ln.checkpoint import load_model
-    from transformer_ln.evaluate import evaluate_run
+    from transformer_ln.runs.checkpoint import load_model
+    from transformer_ln.evaluation.evaluate import evaluate_run
     from transformer_ln.train import Trainer
 
     tmp, _ = runs

@@ -4,9 +4,9 @@ import math
 
 import sacrebleu
 
-from transformer_ln.checkpoint import load_model
+from transformer_ln.runs.checkpoint import load_model
 from transformer_ln.data import load_corpus
-from transformer_ln.evaluate import translate_sentences
+from transformer_ln.evaluation.evaluate import translate_sentences
 from transformer_ln.config import RunConfig, apply_overrides
 from transformer_ln.train import DEMO, Trainer
 

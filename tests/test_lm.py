@@ -5,7 +5,7 @@ import math
 import pytest
 
 from transformer_ln.errors import UserError
-from transformer_ln.lm import LMConfig, train_lm
+from transformer_ln.recurrent.lm import LMConfig, train_lm
 
 
 def _tiny(**kw) -> LMConfig:

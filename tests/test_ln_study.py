@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer_ln import LayerNormLSTM, LayerNormRNN, ln_study
+from transformer_ln import LayerNormLSTM, LayerNormRNN
+from transformer_ln.recurrent import study as ln_study
 from conftest import tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))

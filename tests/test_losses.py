@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from transformer_ln.losses import label_smoothed_nll_loss
-from transformer_ln.schedule import inverse_sqrt_lr
+from transformer_ln.training.losses import label_smoothed_nll_loss
+from transformer_ln.training.schedule import inverse_sqrt_lr
 
 
 def test_label_smoothed_loss_equals_a_float64_reference():

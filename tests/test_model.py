@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from transformer_ln import ModelConfig, Seq2SeqTransformer
-from transformer_ln.residual import OmegaResidual
+from transformer_ln.model.schemes import OmegaResidual
 
 from conftest import tiny_config, tiny_model
 

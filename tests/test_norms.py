@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from transformer_ln import ConfigError, ModelConfig, Seq2SeqTransformer
-from transformer_ln.norms import NORMS, BatchNorm, DyT, RMSNorm, is_norm, make_norm
+from transformer_ln.model.norms import NORMS, BatchNorm, DyT, RMSNorm, is_norm, make_norm
 
 from conftest import tiny_config
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from matplotlib.collections import PolyCollection
 
-from transformer_ln.plotting import (dependency_figure, grad_norms_figure, output_change_bars_figure,
+from transformer_ln.diagnostics.plotting import (dependency_figure, grad_norms_figure, output_change_bars_figure,
                                      output_change_figure, plot_curves, read_run)
 
 
 def test_package_import_and_plotting_never_load_pyplot(tmp_path):
     code = ("import sys, numpy as np\n"
-            "import transformer_ln, transformer_ln.diagnostics, transformer_ln.plotting as P\n"
+            "import transformer_ln, transformer_ln.diagnostics, transformer_ln.diagnostics.plotting as P\n"
             "assert 'matplotlib' not in sys.modules\n"
             f"P.plot_dependency({{'post_ln': {{'encoder': np.tri(2, 3, 1) / 2}}}}, r'{tmp_path}/d')\n"
             "assert 'matplotlib.pyplot' not in sys.modules\n")

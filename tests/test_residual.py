@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from transformer_ln import DecoderLayer, EncoderLayer, Sublayer
-from transformer_ln.layers import FeedForward, SelfAttention
-from transformer_ln.residual import OmegaResidual, get_scheme
+from transformer_ln.model.layers import FeedForward, SelfAttention
+from transformer_ln.model.schemes import OmegaResidual, get_scheme
 
 D, H, F = 16, 4, 32
 

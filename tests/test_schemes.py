@@ -8,8 +8,8 @@ from torch import nn
 
 from transformer_ln import ConfigError, DecoderLayer, EncoderLayer, ModelConfig, RunConfig, Seq2SeqTransformer
 from transformer_ln.diagnostics import depth_sweep, gradient_norms, output_change, random_batch, residual_dependency
-from transformer_ln.norms import NORMS, is_norm
-from transformer_ln.residual import SCHEMES, deepnorm_constants, get_scheme
+from transformer_ln.model.norms import NORMS, is_norm
+from transformer_ln.model.schemes import SCHEMES, deepnorm_constants, get_scheme
 
 from test_residual import ln64, randomize
 
@@ -269,7 +269,7 @@ def test_depth_sweep_covers_every_scheme():
 @pytest.mark.parametrize("scheme,norm", [("deepnorm", "rmsnorm"), ("resi_dual", "batchnorm"),
                                          ("admin", "dyt"), ("tfixup", "layernorm")])
 def test_config_and_checkpoint_round_trip(tmp_path, scheme, norm):
-    from transformer_ln.checkpoint import load_model, save_checkpoint
+    from transformer_ln.runs.checkpoint import load_model, save_checkpoint
 
     model = _tiny(scheme, norm, admin_omega="O(logn)")
     b = random_batch(23, batch_size=3, seq_len=6, seed=3)
@@ -288,7 +288,7 @@ def test_config_and_checkpoint_round_trip(tmp_path, scheme, norm):
 def test_checkpoint_written_before_model_norm_still_loads(tmp_path):
     import yaml
 
-    from transformer_ln.checkpoint import load_model, save_checkpoint
+    from transformer_ln.runs.checkpoint import load_model, save_checkpoint
 
     model = _tiny("pre_ln", "layernorm").eval()
     cfg = RunConfig.from_dict({"model": model.cfg.to_dict()})
@@ -304,7 +304,7 @@ def test_checkpoint_written_before_model_norm_still_loads(tmp_path):
 
 
 def test_scheme_registry_carries_labels_colours_and_rejects_unknown_names():
-    from transformer_ln.plotting import SCHEME_COLORS, SCHEME_LABELS
+    from transformer_ln.diagnostics.plotting import SCHEME_COLORS, SCHEME_LABELS
 
     assert set(NEW) < set(SCHEMES) and len(set(SCHEME_COLORS.values())) == len(SCHEMES)
     assert all(SCHEME_LABELS[s] == SCHEMES[s].label for s in SCHEMES)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from transformer_ln.search import beam_search, greedy_search, max_lengths
+from transformer_ln.evaluation.search import beam_search, greedy_search, max_lengths
 
 BOS, EOS = 1, 2
 

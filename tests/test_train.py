@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import transformer_ln.update as update_mod
-from transformer_ln.checkpoint import average_checkpoints, load_model, update_checkpoints
+import transformer_ln.training.update as update_mod
+from transformer_ln.runs.checkpoint import average_checkpoints, load_model, update_checkpoints
 from transformer_ln.train import Trainer
 
 from conftest import tiny_run_config
@@ -126,7 +126,7 @@ def test_translate_evaluate_and_average_end_to_end(tmp_path):
     # the score is sacreBLEU's on the hypotheses it wrote against the split's first 20 references, in order
     import sacrebleu
 
-    from transformer_ln.checkpoint import load_run_config_from
+    from transformer_ln.runs.checkpoint import load_run_config_from
     from transformer_ln.data import prepare_data
 
     hyps = (tmp_path / "hyps_test_best_limit20_beam2.txt").read_text().splitlines()

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer_ln.checkpoint import load_model, load_weights, update_checkpoints
+from transformer_ln.runs.checkpoint import load_model, load_weights, update_checkpoints
 from transformer_ln.config import RunConfig, apply_overrides
 from transformer_ln.errors import UserError
-from transformer_ln.rundir import RunDir, RunLock
+from transformer_ln.runs.rundir import RunDir, RunLock
 from transformer_ln.train import Trainer
 
 from conftest import tiny_run_config
@@ -90,7 +90,7 @@ def copy_of(run, tmp_path) -> Path:
 def valid_loss_of(run_dir, which) -> float:
     """The valid loss (bits) of a kept checkpoint, measured here from the files alone."""
     from transformer_ln.data import prepare_data
-    from transformer_ln.update import compute_loss
+    from transformer_ln.training.update import compute_loss
 
     model, cfg = load_model(run_dir, which)
     data = prepare_data(cfg, run_dir)
@@ -342,7 +342,7 @@ def test_translate_input_non_utf8_and_empty_lines(finished, tmp_path, cli):
 
 
 def test_shape_mismatch_names_the_tensor(finished):
-    from transformer_ln.model import Seq2SeqTransformer
+    from transformer_ln.model.seq2seq import Seq2SeqTransformer
 
     _, cfg = load_model(finished, "last")
     other = Seq2SeqTransformer(RunConfig.from_dict({**cfg.to_dict(), "model": {**cfg.model.to_dict(),

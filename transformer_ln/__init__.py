@@ -1,13 +1,13 @@
 """transformer_ln: encoder-decoder Transformers under every residual scheme and norm, and the analysis of why they
-train (Post-LN, Pre-LN, Admin and the schemes after them; see ``transformer_ln.residual``)."""
-from .admin import admin_init
+train (Post-LN, Pre-LN, Admin and the schemes after them; see ``transformer_ln.model.schemes``)."""
+from .model.admin import admin_init
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_run_config
 from .errors import UserError
-from .layers import CrossAttention, FeedForward, SelfAttention
-from .model import DecoderCache, DecoderLayer, EncoderLayer, Seq2SeqTransformer, init_weights
-from .norms import NORMS, make_norm
-from .residual import SCHEMES, OmegaResidual, Residual, ResidualScheme, Sublayer, calculate_init, get_scheme
-from .rnn import LayerNormLSTM, LayerNormRNN
+from .model.layers import CrossAttention, FeedForward, SelfAttention
+from .model.seq2seq import DecoderCache, DecoderLayer, EncoderLayer, Seq2SeqTransformer, init_weights
+from .model.norms import NORMS, make_norm
+from .model.schemes import SCHEMES, OmegaResidual, Residual, ResidualScheme, Sublayer, calculate_init, get_scheme
+from .recurrent.rnn import LayerNormLSTM, LayerNormRNN
 
 __all__ = [
     "admin_init", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",

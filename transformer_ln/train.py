@@ -1,7 +1,7 @@
 """``transformer-ln train`` and ``accelerate launch -m transformer_ln.train``: the command line of the trainer.
 
-The loop is ``transformer_ln.trainer``; one update is ``transformer_ln.update``; the run directory (names, lock,
-metrics, summary) is ``transformer_ln.rundir``; the divergence guard is ``transformer_ln.divergence``. A run that
+The loop is ``transformer_ln.training.trainer``; one update is ``transformer_ln.training.update``; the run directory (names, lock,
+metrics, summary) is ``transformer_ln.runs.rundir``; the divergence guard is ``transformer_ln.training.divergence``. A run that
 diverges is a result: ``summary.json`` says ``"status": "diverged"`` and names the last good update and checkpoint,
 the only weights that were kept.
 """
@@ -12,17 +12,17 @@ import json
 import os
 import sys
 
-from .config import DEMO as _DEMO, RunConfig
+from .config.run_config import DEMO as _DEMO, RunConfig
 from .errors import UserError
-from .rundir import RunDir
-from .trainer import State, Trainer, UpdateContext  # noqa: F401  (the public names of the trainer)
+from .runs.rundir import RunDir
+from .training.trainer import State, Trainer, UpdateContext  # noqa: F401  (the public names of the trainer)
 
 # What `transformer-ln train` runs without a CONFIG on the built-in corpus (or with --demo); kept here by name
 DEMO = _DEMO
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from .cli import Parser, add_config_arguments
+    from .config.parser import Parser, add_config_arguments
 
     p = Parser(
         prog="transformer-ln train",
@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def resolve_from_args(args: argparse.Namespace):
     """The run's config and where each value came from (``transformer_ln.cli.resolve_config``)."""
-    from .cli import resolve_config
+    from .config.parser import resolve_config
 
     if args.resume:
         run = RunDir(args.resume)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=1))
     done_before = trainer.finished and trainer.rundir.find_eval("test") is not None
     if summary["status"] == "completed" and cfg.train.bleu_at_end and not done_before:
-        from .evaluate import evaluate_run
+        from .evaluation.evaluate import evaluate_run
         evaluate_run(trainer.run_dir, split="test", checkpoint="best", accelerator=trainer.accelerator,
                      model=None)
     return 0

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_text
-from ..cli import Parser, add_config_arguments, config_from_arguments
-from ..config import RunConfig
+from ..config.parser import Parser, add_config_arguments, config_from_arguments
+from ..config.run_config import RunConfig
 from ..errors import UserError
 from .prepare import prepare_data
 from .store import MANIFEST, build_prepared, cache_key, read_manifest

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from datasets import Dataset, Features, Value, concatenate_datasets
 
-from ..config import DataConfig
+from ..config.run_config import DataConfig
 from ..errors import UserError
 from . import hygiene
 from .synthetic import synthetic_splits

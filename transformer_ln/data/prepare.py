@@ -19,9 +19,9 @@ from typing import Optional
 import numpy as np
 from tokenizers import Tokenizer
 
-from ..config import DataConfig, RunConfig
+from ..config.run_config import DataConfig, RunConfig
 from ..errors import UserError
-from ..rundir import RunDir
+from ..runs.rundir import RunDir
 from .batching import TokenBatchSampler
 from .store import EncodedSplit, PreparedStore, build_prepared, cache_key, data_settings
 from .tokenizer import load_tokenizer, save_tokenizer

@@ -34,7 +34,7 @@ import torch
 from datasets import Dataset, Features, Sequence as ListOf, Value, concatenate_datasets
 from tokenizers import Tokenizer
 
-from ..config import DataConfig
+from ..config.run_config import DataConfig
 from ..errors import UserError
 from .batching import TokenBatchSampler
 from .corpus import load_raw, report_empty

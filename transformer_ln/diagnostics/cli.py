@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from ..atomic import write_text
-from ..cli import Parser, add_config_arguments, config_from_arguments
-from ..config import RESIDUALS, ModelConfig
+from ..config.parser import Parser, add_config_arguments, config_from_arguments
+from ..config.run_config import RESIDUALS, ModelConfig
 from ..errors import UserError
-from ..rundir import RunDir
+from ..runs.rundir import RunDir
 from .output_change import DEFAULT_EPS, MASKS, NORMS, PADDINGS, PERTURBATIONS, PRESETS, READS, Definition, definition
 from .tables import dependency_table, depth_sweep_table, grad_norms_table, output_change_table
 
@@ -139,7 +139,7 @@ def models(args, seed: int | None = None):
     """
     from tqdm.auto import tqdm
 
-    from ..model import Seq2SeqTransformer
+    from ..model.seq2seq import Seq2SeqTransformer
 
     seed = args.seed if seed is None else seed
     if args.run is not None:
@@ -148,7 +148,7 @@ def models(args, seed: int | None = None):
                             "models)")
         if not args.run.is_dir():
             raise UserError(f"--run {args.run}: not a directory")
-        from ..checkpoint import load_model  # imported lazily: only checkpoint users need it
+        from ..runs.checkpoint import load_model  # imported lazily: only checkpoint users need it
 
         model, run_cfg = load_model(args.run, which=args.which)
         device = next(model.parameters()).device
@@ -201,7 +201,7 @@ def _report(paths: list[Path]) -> None:
 
 
 def cmd_dependency(args) -> list[Path]:
-    from ..plotting import plot_dependency
+    from .plotting import plot_dependency
     from .depth_sweep import mean_ci95
     from .dependency import residual_dependency
 
@@ -227,7 +227,7 @@ def cmd_dependency(args) -> list[Path]:
 
 
 def cmd_output_change(args) -> list[Path]:
-    from ..plotting import plot_output_change, plot_output_change_bars
+    from .plotting import plot_output_change, plot_output_change_bars
     from .depth_sweep import mean_ci95
     from .output_change import output_change
 
@@ -269,7 +269,7 @@ def cmd_output_change(args) -> list[Path]:
 
 
 def cmd_gradients(args) -> list[Path]:
-    from ..plotting import plot_grad_norms
+    from .plotting import plot_grad_norms
     from .grad_norms import gradient_norms
 
     norms, checkpoint = {}, "init"
@@ -281,7 +281,7 @@ def cmd_gradients(args) -> list[Path]:
 
 
 def cmd_curves(args) -> list[Path]:
-    from ..plotting import plot_curves, read_run
+    from .plotting import plot_curves, read_run
 
     for run in args.runs:
         if not RunDir(run).metrics.is_file():

@@ -85,7 +85,7 @@ def residual_stds(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor) -> 
                     hooks.forward(sub.post_norm, tr.on_norm)
                 elif not isinstance(sub.post_norm, nn.Identity):
                     raise ValueError(f"{name}.post_norm is {type(sub.post_norm).__name__}; the dependency "
-                                     "decomposition needs a norm from transformer_ln.norms (with decompose())")
+                                     "decomposition needs a norm from transformer_ln.model.norms (with decompose())")
                 hooks.forward(sub, tr.on_sublayer)
         model(src, tgt_in)
     return {s: trackers[s].s for s in STACKS}

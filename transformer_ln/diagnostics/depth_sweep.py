@@ -15,9 +15,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..config import ModelConfig
-from ..model import Seq2SeqTransformer
-from ..residual import SCHEMES
+from ..config.run_config import ModelConfig
+from ..model.seq2seq import Seq2SeqTransformer
+from ..model.schemes import SCHEMES
 from .batch import random_batch
 from .output_change import DEFAULT_EPS, PERTURBATIONS, Definition, output_change
 from .output_change import definition as make_definition

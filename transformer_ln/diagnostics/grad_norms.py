@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sublayer import stream_tensors
+from ..model.sublayer import stream_tensors
 from .hooks import STACKS, registered_hooks, sublayers
 from .hooks import mode as train_mode
 from .output_change import token_loss

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..residual import Sublayer
+from ..model.schemes import Sublayer
 
 STACKS = ("encoder", "decoder")
 

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..norms import is_norm
-from ..residual import Residual
-from ..sublayer import stream_tensors
+from ..model.norms import is_norm
+from ..model.schemes import Residual
+from ..model.sublayer import stream_tensors
 from .hooks import STACKS, pad_masks, registered_hooks, sublayers
 from .hooks import mode as train_mode
 

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from .admin import omega_summary
-from .config import RunConfig
+from ..model.admin import omega_summary
+from ..config.run_config import RunConfig
 from .losses import label_smoothed_nll_loss
 from .schedule import inverse_sqrt_lr
 

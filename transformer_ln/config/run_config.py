@@ -4,7 +4,7 @@ Every section is a dataclass validated on construction (a bad value, NaN and inf
 ``ConfigError`` naming the field, the value and what is allowed), serialises with ``to_dict``/``from_dict`` (unknown
 keys are an error) and round-trips through YAML. Choice fields are ``Literal[...]`` types, so the allowed values
 live in the annotation. Command-line overrides use dotted keys: ``model.residual=admin optim.lr=7e-4``. The generic
-machinery is in ``transformer_ln.sections``.
+machinery is in ``transformer_ln.config.sections``.
 """
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from .admin import ADMIN_OMEGAS as _ADMIN_OMEGAS
-from .norms import NORMS
-from .residual import SCHEMES
+from ..model.admin import ADMIN_OMEGAS as _ADMIN_OMEGAS
+from ..model.norms import NORMS
+from ..model.schemes import SCHEMES
 from .sections import ConfigError, Section, apply_overrides, choices, parse_override, read_yaml_mapping
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "RunConfig", "RESIDUALS",
            "ADMIN_OMEGAS", "NORM_NAMES", "ACTIVATIONS", "DEMO", "apply_overrides", "parse_override",
            "load_run_config"]
 
-ResidualName = Literal[tuple(SCHEMES)]  # the registry in transformer_ln.residual
-NormName = Literal[tuple(NORMS)]  # transformer_ln.norms
-AdminOmegaName = Literal[_ADMIN_OMEGAS]  # transformer_ln.admin
+ResidualName = Literal[tuple(SCHEMES)]  # the registry in transformer_ln.model.schemes
+NormName = Literal[tuple(NORMS)]  # transformer_ln.model.norms
+AdminOmegaName = Literal[_ADMIN_OMEGAS]  # transformer_ln.model.admin
 ActivationName = Literal["relu", "gelu"]
 RESIDUALS = choices(ResidualName)
 ADMIN_OMEGAS = choices(AdminOmegaName)
@@ -51,8 +51,8 @@ class ModelConfig(Section):
     """Shape and residual scheme of the encoder-decoder.
 
     ``src_vocab_size``/``tgt_vocab_size`` may stay ``None`` inside a ``RunConfig``: the trainer fills them from the
-    tokenizer. ``residual`` picks the scheme (see ``transformer_ln.residual``); ``norm`` the normalization its
-    norms use (``transformer_ln.norms``; schemes without norms accept only the default); ``admin_omega`` picks
+    tokenizer. ``residual`` picks the scheme (see ``transformer_ln.model.schemes``); ``norm`` the normalization its
+    norms use (``transformer_ln.model.norms``; schemes without norms accept only the default); ``admin_omega`` picks
     Admin's shortcut scale: ``profile`` (the paper's profiling, ``admin_init``) or a closed form of admin-torch.
     """
 
@@ -68,8 +68,8 @@ class ModelConfig(Section):
     attn_dropout: float = opt(0.0, "dropout on the attention probabilities")
     act_dropout: float = opt(0.0, "dropout after the FFN activation")
     activation: ActivationName = opt("relu", "FFN activation")
-    residual: ResidualName = opt("post_ln", "residual/normalization scheme (transformer_ln.residual)")
-    norm: NormName = opt("layernorm", "normalization the scheme's norms use (transformer_ln.norms)")
+    residual: ResidualName = opt("post_ln", "residual/normalization scheme (transformer_ln.model.schemes)")
+    norm: NormName = opt("layernorm", "normalization the scheme's norms use (transformer_ln.model.norms)")
     admin_omega: AdminOmegaName = opt("profile",
                                      "Admin's shortcut scale: profile (the paper's profiling) or a closed form")
     share_embeddings: bool = opt(False, "one embedding for source, target and output (equal vocabularies)")

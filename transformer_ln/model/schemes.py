@@ -5,7 +5,7 @@ layers; LN stands for the norm ``model.norm`` picks)::
 
     post_ln        x_i = LN(x_{i-1} + a_i)                                    no final norm
     pre_ln         x_i = x_{i-1} + Dropout(f_i(LN(x_{i-1})))                  final norm per stack
-    admin          x_i = LN(omega_i * x_{i-1} + a_i)                          (``transformer_ln.admin``)
+    admin          x_i = LN(omega_i * x_{i-1} + a_i)                          (``transformer_ln.model.admin``)
     deepnorm       x_i = LN(alpha * x_{i-1} + a_i), beta-scaled init          no final norm
     subln          x_i = x_{i-1} + Dropout(f'_i(LN(x_{i-1}))), f' with inner norms, gamma-scaled init; final norm
     rezero         x_i = x_{i-1} + alpha_i * a_i, alpha_i = 0 at init         no norm at all
@@ -14,7 +14,7 @@ layers; LN stands for the norm ``model.norm`` picks)::
     tfixup         x_i = x_{i-1} + a_i, depth-scaled init                     no norm at all
     resi_dual      p_i = LN(p_{i-1} + a_i), d_i = d_{i-1} + a_i, a_i from p   output p_N + LN(d_N)
 
-Each scheme is a ``ResidualScheme`` (``transformer_ln.sublayer``): class attributes place the norms, ``residual``
+Each scheme is a ``ResidualScheme`` (``transformer_ln.model.sublayer``): class attributes place the norms, ``residual``
 picks the shortcut combiner, ``init_sublayer``/``init_model``/``calibrate`` are its initialisation. Its formula, paper
 and initialisation are in its docstring. A new scheme is a subclass here and an entry in ``SCHEMES``; config,
 plots, analysis, sweeps and benchmarks read the registry (label and colour live on the scheme).

@@ -1,6 +1,6 @@
 """``transformer-ln config``: every config key with its default, type, allowed values and one line of help.
 
-The help is each field's metadata in ``transformer_ln.config`` (one place); ``--write FILE`` writes a starter YAML
+The help is each field's metadata in ``transformer_ln.config.run_config`` (one place); ``--write FILE`` writes a starter YAML
 (every key at its default, its help as a comment) to edit and pass to ``transformer-ln train FILE``.
 """
 from __future__ import annotations
@@ -9,15 +9,15 @@ import argparse
 import dataclasses
 import typing
 
-from .atomic import write_text
-from .cli import Parser
-from .errors import UserError
+from ..atomic import write_text
+from .parser import Parser
+from ..errors import UserError
 from .sections import Section, _type_name, choices
 
 
 def rows(cfg: Section | None = None) -> list[dict]:
     """One dict per dotted key: key, default (of ``cfg``), type, allowed values (choice fields) and help."""
-    from .config import RunConfig
+    from .run_config import RunConfig
 
     cfg = RunConfig() if cfg is None else cfg
     out = []
@@ -55,7 +55,7 @@ def starter_yaml(cfg: Section | None = None) -> str:
     import yaml
 
     table = {r["key"]: r for r in rows(cfg)}
-    from .config import RunConfig
+    from .run_config import RunConfig
 
     cfg = RunConfig() if cfg is None else cfg
     out = ["# transformer_ln run config: every key with its default; `transformer-ln config` explains each.",
@@ -77,9 +77,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--write", metavar="FILE", help="write a starter YAML with every key and its help")
     p.add_argument("--grep", metavar="TEXT", help="only keys or help lines containing TEXT")
     args = p.parse_args(argv)
-    from .cli import resolve_config
+    from .parser import resolve_config
 
-    from .config import RunConfig
+    from .run_config import RunConfig
 
     cfg = resolve_config([], demo=True).cfg if args.demo else RunConfig()
     if args.write:

@@ -18,7 +18,7 @@ import os
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 FSDP1_UNSUPPORTED = (
     "this run was launched with FSDP version 1 (accelerate's default); the trainer supports accelerate's FSDP2 "

@@ -6,15 +6,18 @@ and FFN (2l+2); decoder layer l holds causal self-attention (3l+1), cross-attent
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
 from .layers import CrossAttention, FeedForward, PositionalEmbedding, SelfAttention, _Attention
 from .norms import is_norm, uses_batch_statistics
-from .residual import Residual, ResidualScheme, Site, Sublayer, get_scheme, scheme_from_config
+from .schemes import Residual, ResidualScheme, Site, Sublayer, get_scheme, scheme_from_config
+
+if TYPE_CHECKING:  # the model reads a ModelConfig's fields; it never imports the config package
+    from ..config.run_config import ModelConfig
 
 
 def _scheme(residual: str | ResidualScheme, options: dict) -> ResidualScheme:

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .atomic import write_text
-from .errors import UserError
+from ..atomic import write_text
+from ..config.sections import CONFIG_FILE
+from ..errors import UserError
 
 
 class RunDir:
     """Names and policies of one run directory (``train.out_dir``)."""
 
-    CONFIG = "config.yaml"
+    CONFIG = CONFIG_FILE
     TOKENIZER = "tokenizer.json"
     METRICS = "metrics.jsonl"
     SUMMARY = "summary.json"
@@ -344,7 +345,7 @@ class MetricsWriter:
                             if line.endswith(b"\n") and _update_of(line) <= update)
         if kept == data:
             return 0
-        from .atomic import write_with
+        from ..atomic import write_with
 
         write_with(self.path, lambda tmp: tmp.write_bytes(kept))
         return data.count(b"\n") - kept.count(b"\n")

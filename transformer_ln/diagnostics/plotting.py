@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .residual import SCHEMES
+from ..model.schemes import SCHEMES
 
 SCHEME_LABELS = {name: cls.label for name, cls in SCHEMES.items()}  # the registry's, so a new scheme needs no edit
 SCHEME_COLORS = {name: cls.color for name, cls in SCHEMES.items()}
@@ -250,7 +250,7 @@ def plot_grad_norms(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], out: s
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """``{"name", "train": [records], "valid": [records], "summary": {...}}`` from metrics.jsonl and summary.json."""
-    from .rundir import RunDir
+    from ..runs.rundir import RunDir
 
     run = RunDir(run_dir)
     run_dir = run.path

@@ -24,12 +24,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_file, save_model as st_save_model
 
-from .atomic import replace_dir
-from .config import ConfigError, RunConfig
-from .cli import Parser
-from .errors import UserError
+from ..atomic import replace_dir
+from ..config.run_config import ConfigError, RunConfig
+from ..config.parser import Parser
+from ..errors import UserError
 from .rundir import RunDir
-from . import sharding
+from ..training import sharding
 
 PREFIX = RunDir.UPDATE_PREFIX
 
@@ -69,7 +69,7 @@ def save_checkpoint(run_dir: Path, update: int, model: torch.nn.Module, optimize
 
     Every process must call it: under FSDP the full model and optimizer state are gathered first.
     """
-    from .model import Seq2SeqTransformer
+    from ..model.seq2seq import Seq2SeqTransformer
 
     whole = sharding.full_copy(model, accelerator, lambda: Seq2SeqTransformer(cfg.model))
     optim_state = sharding.full_optimizer_state(model, optimizer, accelerator)
@@ -176,7 +176,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path,
 
 def load_model(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"):
     """Rebuild a trained model from its run directory: ``(model in eval mode, RunConfig)``."""
-    from .model import Seq2SeqTransformer
+    from ..model.seq2seq import Seq2SeqTransformer
 
     ckpt = resolve(run_dir, which)
     cfg = load_run_config_from(ckpt)

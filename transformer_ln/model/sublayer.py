@@ -1,4 +1,4 @@
-"""The residual sub-layer and the interface every scheme of ``transformer_ln.residual`` implements.
+"""The residual sub-layer and the interface every scheme of ``transformer_ln.model.schemes`` implements.
 
 A sub-layer is a branch f between optional slots (the decomposition of x-transformers and torchtune)::
 
@@ -101,7 +101,7 @@ class DualSublayer(Sublayer):
 
 
 class ResidualScheme:
-    """Post-LN's placement by default; subclasses in ``transformer_ln.residual`` change the class attributes below
+    """Post-LN's placement by default; subclasses in ``transformer_ln.model.schemes`` change the class attributes below
     and override the hooks they need. An instance is built with its options (``norm`` and those named in
     ``options``, read from ``ModelConfig`` fields of the same names) and builds every sub-layer of a model.
     """

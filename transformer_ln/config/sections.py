@@ -1,4 +1,4 @@
-"""Typed config sections: the generic machinery behind ``transformer_ln.config``.
+"""Typed config sections: the generic machinery behind ``transformer_ln.config.run_config``.
 
 A section is a dataclass that mixes in ``Section``: its fields' annotations are the schema. ``check()`` (called
 from ``__post_init__``) coerces YAML's loose scalars (``"7e-4"`` -> 0.0007, ``[0.9, 0.98]`` -> a tuple), rejects a
@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
+from ..errors import UserError
+
+CONFIG_FILE = "config.yaml"  # the name a run directory and each of its checkpoints give their config
 
 
 class ConfigError(UserError, ValueError):
@@ -185,7 +187,7 @@ class Section:
         return cls.from_dict(parse_yaml_mapping(text, where))
 
     def save(self, path: str | Path) -> None:
-        from .atomic import write_text
+        from ..atomic import write_text
 
         write_text(path, self.to_yaml())
 

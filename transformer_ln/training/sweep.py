@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_text
-from .errors import UserError
-from .rundir import RunDir
+from ..atomic import write_text
+from ..errors import UserError
+from ..runs.rundir import RunDir
 
 AXES = ("residual", "depth", "lr", "warmup", "seed")
 COLUMNS = ["run", "residual", "depth", "lr", "warmup", "seed", "status", "diverged_at", "best_valid_loss",
@@ -152,9 +152,9 @@ def plot_sweep(out: Path, run_dirs: list[Path]) -> list[Path]:
 
     The dependency is measured on a seeded random token batch with the run's best checkpoint (eval mode).
     """
-    from .checkpoint import load_model
-    from .diagnostics import random_batch, residual_dependency
-    from .plotting import plot_curves, plot_dependency
+    from ..runs.checkpoint import load_model
+    from ..diagnostics import random_batch, residual_dependency
+    from ..diagnostics.plotting import plot_curves, plot_dependency
 
     finished = [d for d in run_dirs if is_finished(d)]
     made = list(plot_curves(finished, out / "curves")) if finished else []

@@ -4,7 +4,7 @@
 
 Drop-in for admin-torch users::
 
-    residual = transformer_ln.admin.as_module(num_res_layers=2 * n_layers, as_parameter=True, embed_dim=d)
+    residual = transformer_ln.model.admin.as_module(num_res_layers=2 * n_layers, as_parameter=True, embed_dim=d)
     x = layer_norm(residual(x, dropout(f(x))))      # = LN(x * omega + f(x))
 
 ``admin_init`` is Admin's profiling (Liu et al. 2020, Sec. 4; Transformer-Clinic's ``adaptive-profiling``): one

@@ -1,6 +1,6 @@
 """Tables and figures of the layer normalization paper's own claims (Ba et al. 2016), from finished runs.
 
-Why apart from ``plotting``: these read the LM runs of ``transformer_ln.lm`` (``config.json``/``summary.json``) and
+Why apart from ``plotting``: these read the LM runs of ``transformer_ln.recurrent.lm`` (``config.json``/``summary.json``) and
 the BatchNorm-vs-LayerNorm sweep's ``results.csv``, group them by seed and show mean and spread, which the
 per-run Transformer figures do not need. matplotlib only through ``Figure`` (no pyplot, no global backend).
 """
@@ -13,8 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .atomic import write_with
-from .rundir import RunDir
+from ..atomic import write_with
+from ..runs.rundir import RunDir
 
 NORM_LABELS = {"layernorm": "LN-LSTM", None: "LSTM"}
 NORM_COLORS = {"layernorm": "tab:blue", None: "tab:red", "batchnorm": "tab:orange"}
@@ -225,9 +225,9 @@ def valid_nll_two_ways(run_dir: str | Path, max_tokens: Optional[int] = None) ->
     """
     import torch
 
-    from .checkpoint import load_model
-    from .data.prepare import prepare_data
-    from .losses import label_smoothed_nll_loss
+    from ..runs.checkpoint import load_model
+    from ..data.prepare import prepare_data
+    from ..training.losses import label_smoothed_nll_loss
 
     run_dir = Path(run_dir)
     model, cfg = load_model(run_dir, "best")

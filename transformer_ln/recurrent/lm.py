@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 
-from .atomic import write_text
-from .data.synthetic import synthetic_splits
-from .data.tokenizer import BOS, EOS, PAD, SPECIALS
-from .errors import UserError
+from ..atomic import write_text
+from ..data.synthetic import synthetic_splits
+from ..data.tokenizer import BOS, EOS, PAD, SPECIALS
+from ..errors import UserError
 from .rnn import NORMS, LayerNormLSTM
 
 SOURCES = ("synthetic", "files")

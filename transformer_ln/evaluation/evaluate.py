@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt_lib
-from .atomic import write_text
-from .cli import Parser
-from .errors import UserError
-from .rundir import RunDir
+from ..runs import checkpoint as ckpt_lib
+from ..atomic import write_text
+from ..config.parser import Parser
+from ..errors import UserError
+from ..runs.rundir import RunDir
 
 
 def _tokenizer(run_dir: Path):
-    from .data.tokenizer import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
 
     path = RunDir(run_dir).tokenizer
     if not path.is_file():
@@ -47,7 +47,7 @@ def translate_sentences(model, tokenizer, sentences: list[str], beam: int = 5, l
     """Detokenized translations of ``sentences``, in order; batched by length, beam search with the KV cache."""
     from tqdm.auto import tqdm
 
-    from .data import BOS, EOS
+    from ..data import BOS, EOS
     from .search import beam_search
 
     device = next(model.parameters()).device
@@ -90,7 +90,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
                  lenpen: float | None = None, accelerator=None, model=None, limit: int | None = None) -> dict:
     """Translate ``split`` of the run's corpus, score it, write ``eval_<split>_<checkpoint>[_limit<N>].json`` and
     the hypotheses beside it (``RunDir.eval_file``), refresh ``results.md``; returns the scores."""
-    from .data import prepare_data
+    from ..data import prepare_data
 
     run = RunDir(run_dir)
     run_dir = run.path

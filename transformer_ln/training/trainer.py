@@ -24,14 +24,14 @@ from typing import Callable, Optional
 
 import torch
 
-from . import checkpoint as ckpt_lib
-from .atomic import write_text
-from .config import RunConfig
+from ..runs import checkpoint as ckpt_lib
+from ..atomic import write_text
+from ..config.run_config import RunConfig
 from .divergence import DivergenceGuard
-from .errors import UserError
+from ..errors import UserError
 from .launcher import exit_when_launcher_dies
-from .model import Seq2SeqTransformer
-from .rundir import MetricsWriter, RunDir, Summary
+from ..model.seq2seq import Seq2SeqTransformer
+from ..runs.rundir import MetricsWriter, RunDir, Summary
 from . import sharding
 from . import update as upd
 
@@ -170,7 +170,7 @@ class Trainer:
         cfg, acc, resume = self.cfg, self.accelerator, self.resume
         set_seed(cfg.train.seed)
 
-        from .data import prepare_data
+        from ..data import prepare_data
         self.data = prepare_data(cfg, self.run_dir, acc, progress=not self.quiet)  # memory-mapped prepared data
         vocab = self.data.tokenizer.get_vocab_size()
         mcfg = cfg.model.to_dict()
@@ -208,7 +208,7 @@ class Trainer:
             acc.init_trackers("transformer_ln", config={k: v for k, v in flat.items()
                                                         if isinstance(v, (int, float, str, bool))})
         if cfg.train.grad_norms_every:
-            from .diagnostics import GradNormCallback
+            from ..diagnostics import GradNormCallback
             self.callbacks.append(GradNormCallback(cfg.train.grad_norms_every))
 
     # ---------------------------------------------------------------------------------------------- set-up
@@ -254,7 +254,7 @@ class Trainer:
                 run.mark()
                 return
             doomed = run.check_fresh(overwrite)
-            from .data.corpus import check_sources
+            from ..data.corpus import check_sources
 
             check_sources(self.cfg.data)  # a mistyped data path fails here, before an old run is deleted
             run.clear(doomed)
