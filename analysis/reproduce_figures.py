@@ -29,10 +29,10 @@ import torch
 from transformer_ln.model.admin import admin_init
 from transformer_ln.diagnostics import build_model, depth_sweep, gradient_norms, random_batch, residual_dependency
 from transformer_ln.diagnostics.cli import write_json
-from transformer_ln.diagnostics.depth_sweep import mean_ci95
 from transformer_ln.diagnostics.output_change import definition
 from transformer_ln.model.norms import NORMS
 from transformer_ln.diagnostics.plotting import plot_dependency, plot_grad_norms, plot_output_change
+from transformer_ln.diagnostics.stats import columns_ci95
 from transformer_ln.model.schemes import SCHEMES
 
 DEPTHS = (1, 2, 4, 8, 16, 32, 50, 64, 100)
@@ -51,8 +51,7 @@ def admin_profiles(seeds: list[int], batch: dict, **kw) -> dict:
         model = build_model("admin", 6, n_dec_layers=6, seed=seed, batch=batch, **kw)
         for key, pads in (("ours_pads_skipped", False), ("reference_recursion_pads_counted", True)):
             out[key].append(admin_init(model, batch["src"], batch["tgt_in"], seed=seed, count_padding=pads)["encoder"])
-    summary = {k: {"mean": [mean_ci95(c)[0] for c in zip(*v)], "ci95": [list(mean_ci95(c)[1:]) for c in zip(*v)],
-                   "per_seed": v} for k, v in out.items()}
+    summary = {k: dict(zip(("mean", "ci95"), columns_ci95(v)), per_seed=v) for k, v in out.items()}
     summary["reference_100L_first_12"] = {"values": list(REFERENCE_100L_ENCODER),
                                           "model": "100L-100L WMT'14 En-De (Transformer-Clinic / admin-torch "
                                                    "example/profile.ratio.init), 4096-token batch"}

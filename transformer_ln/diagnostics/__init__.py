@@ -5,14 +5,15 @@
   (``preset="ours"``: squared, stack output, eval mode; ``preset="reference"``: Transformer-Clinic's).
 * ``gradient_norms`` / ``GradNormCallback``: per-sub-layer gradient norms, once or during training.
 * ``depth_sweep``: output change at initialisation against depth over seeds (mean, 95% interval), with linear and
-  logarithmic fits per seed.
+  logarithmic fits per seed (the statistics: ``stats``).
 """
 from .batch import random_batch
 from .dependency import beta_from_stds, residual_dependency, residual_stds
-from .depth_sweep import build_model, depth_sweep, fit, fit_over_seeds, mean_ci95
+from .depth_sweep import build_model, depth_sweep
 from .grad_norms import GradNormCallback, gradient_norms
 from .hooks import registered_hooks, sublayers
 from .output_change import PRESETS, Definition, definition, output_change, perturbed_names
+from .stats import fit, fit_over_seeds, mean_ci95
 
 __all__ = ["random_batch", "beta_from_stds", "residual_dependency", "residual_stds", "build_model", "depth_sweep",
            "fit", "fit_over_seeds", "mean_ci95", "GradNormCallback", "gradient_norms", "registered_hooks",

@@ -202,8 +202,8 @@ def _report(paths: list[Path]) -> None:
 
 def cmd_dependency(args) -> list[Path]:
     from .plotting import plot_dependency
-    from .depth_sweep import mean_ci95
     from .dependency import residual_dependency
+    from .stats import mean_ci95, mean_ci95_along
 
     runs: dict[str, list] = {}
     checkpoint = "init"
@@ -215,7 +215,7 @@ def cmd_dependency(args) -> list[Path]:
         betas[label], results[label] = {}, {}
         for stack in per_seed[0]:
             stacked = np.stack([b[stack] for b in per_seed])  # (seeds, n, n+1)
-            stats = np.apply_along_axis(lambda v: np.array(mean_ci95(v)), 0, stacked)  # (3, n, n+1)
+            stats = mean_ci95_along(stacked)  # (3, n, n+1): mean, low, high
             betas[label][stack] = stats[0]
             diag = [mean_ci95(col) for col in np.diagonal(stacked, 1, axis1=1, axis2=2).T]
             results[label][stack] = {"beta": stats[0], "ci95_low": stats[1], "ci95_high": stats[2],
@@ -228,8 +228,8 @@ def cmd_dependency(args) -> list[Path]:
 
 def cmd_output_change(args) -> list[Path]:
     from .plotting import plot_output_change, plot_output_change_bars
-    from .depth_sweep import mean_ci95
     from .output_change import output_change
+    from .stats import keys_ci95
 
     defn = _definition(args)
     if args.eps is None:
@@ -257,9 +257,7 @@ def cmd_output_change(args) -> list[Path]:
                               n_samples=args.samples, seed=seed, tgt_out=batch["tgt_out"], preset=defn))
     changes, ci95 = {}, {}
     for label, rows in per_seed.items():
-        stats = {s: mean_ci95(r[s] for r in rows) for s in rows[0]}
-        changes[label] = {s: v[0] for s, v in stats.items()}
-        ci95[label] = {s: [v[1], v[2]] for s, v in stats.items()}
+        changes[label], ci95[label] = keys_ci95(rows)
     record = {"checkpoint": checkpoint, "definition": defn.as_dict(), "perturbation": args.perturbation,
               "eps": args.eps, "seeds": _seeds(args), "results": changes, "ci95": ci95, "per_seed": per_seed}
     print(output_change_table(changes, ci95 if len(_seeds(args)) > 1 else None, defn.describe()))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-import numpy as np
 import torch
 
 from ..config.run_config import ModelConfig
@@ -21,46 +20,7 @@ from ..model.schemes import SCHEMES
 from .batch import random_batch
 from .output_change import DEFAULT_EPS, PERTURBATIONS, Definition, output_change
 from .output_change import definition as make_definition
-
-# two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def mean_ci95(values: Iterable[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the t-interval of the mean; a single value gives a zero-width interval."""
-    v = np.asarray(list(values), float)
-    m = float(v.mean())
-    if len(v) < 2:
-        return m, m, m
-    t = _T975[len(v) - 2] if len(v) - 1 <= len(_T975) else 1.96
-    half = t * float(v.std(ddof=1)) / math.sqrt(len(v))
-    return m, m - half, m + half
-
-
-def fit(n: Iterable[float], y: Iterable[float]) -> dict[str, dict[str, float] | str]:
-    """Least-squares fits y ~ a*N + b and y ~ a*log(N) + b, with residual sum of squares and R^2 each."""
-    n, y = np.asarray(list(n), float), np.asarray(list(y), float)
-    out: dict = {}
-    tss = float(((y - y.mean()) ** 2).sum())
-    for kind, x in (("linear", n), ("log", np.log(n))):
-        A = np.stack([x, np.ones_like(x)], axis=1)
-        (a, b), *_ = np.linalg.lstsq(A, y, rcond=None)
-        rss = float(((A @ np.array([a, b]) - y) ** 2).sum())
-        out[kind] = {"a": float(a), "b": float(b), "rss": rss, "r2": 1.0 - rss / tss if tss > 0 else 1.0}
-    out["better"] = "linear" if out["linear"]["r2"] > out["log"]["r2"] else "log"
-    return out
-
-
-def fit_over_seeds(n: list[int], per_seed: list[list[float]]) -> dict:
-    """Each seed's fit summarised: R^2 of both fits (mean, sd, min, max) and how many seeds each fit wins."""
-    fits = [fit(n, y) for y in per_seed]
-    out: dict = {"wins": {k: sum(f["better"] == k for f in fits) for k in ("linear", "log")}, "seeds": len(fits)}
-    for kind in ("linear", "log"):
-        r2 = np.array([f[kind]["r2"] for f in fits])
-        out[kind] = {"r2_mean": float(r2.mean()), "r2_sd": float(r2.std(ddof=1)) if len(r2) > 1 else 0.0,
-                     "r2_min": float(r2.min()), "r2_max": float(r2.max())}
-    return out
+from .stats import columns_ci95, fit, fit_over_seeds
 
 
 def build_model(residual: str, n_enc_layers: int, d_model: int = 512, n_heads: int = 8, d_ff: int | None = None,
@@ -139,9 +99,8 @@ def depth_sweep(residuals: Iterable[str] = tuple(SCHEMES),
 
 def _summary(depths: list[int], per_seed: list[list[float]]) -> dict:
     sub = [2 * d for d in depths]
-    stats = [mean_ci95(col) for col in zip(*per_seed)]
-    means = [s[0] for s in stats]
-    return {"depths": depths, "sublayers": sub, "output_change": means, "ci95": [[s[1], s[2]] for s in stats],
+    means, ci95 = columns_ci95(per_seed)
+    return {"depths": depths, "sublayers": sub, "output_change": means, "ci95": ci95,
             "per_seed": per_seed, "fit": fit(sub, means) if len(depths) > 2 else None,
             "fit_seeds": fit_over_seeds(sub, per_seed) if len(depths) > 2 else None,
             "ratio": means[-1] / means[0] if means[0] > 0 else math.inf}
