@@ -23,7 +23,8 @@ from ..config.parser import Parser, add_config_arguments, config_from_arguments
 from ..config.run_config import RESIDUALS, ModelConfig
 from ..errors import UserError
 from ..runs.rundir import RunDir
-from .output_change import DEFAULT_EPS, MASKS, NORMS, PADDINGS, PERTURBATIONS, PRESETS, READS, Definition, definition
+from .output_change import (DEFAULT_EPS, DISTANCES, MASKS, PADDINGS, PERTURBATIONS, PRESETS, READS, Definition,
+                            definition)
 from .tables import dependency_table, depth_sweep_table, grad_norms_table, output_change_table
 
 FIELDS_SET_BY_SWEEP = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
@@ -80,7 +81,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help="ours: squared norm, stack output, eval mode, pads skipped, both stacks; reference: "
                             "Transformer-Clinic's plot_stability (l2, before the final norm, train mode, pads "
                             "included, encoder)")
-        p.add_argument("--norm", choices=NORMS, help="override the preset's norm")
+        p.add_argument("--norm", choices=DISTANCES, help="override the preset's norm")
         p.add_argument("--read", choices=READS, help="override where F is read")
         p.add_argument("--mode", help="override the preset's mode: eval or train (dropout on)")
         p.add_argument("--padding", choices=PADDINGS, help="override whether pad positions count")

@@ -44,7 +44,7 @@ from .hooks import mode as train_mode
 
 PERTURBATIONS = ("random", "grad_sign")
 DEFAULT_EPS = {"random": 1e-4, "grad_sign": 1e-6}  # the reference's two step sizes
-NORMS = ("squared", "l2")
+DISTANCES = ("squared", "l2")  # Definition.norm: |ΔF|² or |ΔF|, the distance that measures output change
 READS = ("stack_output", "before_final_norm")
 MODES = ("eval", "train")
 PADDINGS = ("skip", "include")
@@ -63,7 +63,7 @@ class Definition:
     masks: str = "fresh"
 
     def __post_init__(self):
-        for field, allowed in (("norm", NORMS), ("read", READS), ("mode", MODES), ("padding", PADDINGS),
+        for field, allowed in (("norm", DISTANCES), ("read", READS), ("mode", MODES), ("padding", PADDINGS),
                                ("masks", MASKS)):
             value = getattr(self, field)
             if value not in allowed:

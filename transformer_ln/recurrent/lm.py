@@ -25,7 +25,7 @@ from ..atomic import write_text
 from ..data.synthetic import synthetic_splits
 from ..data.tokenizer import BOS, EOS, PAD, SPECIALS
 from ..errors import UserError
-from .rnn import NORMS, LayerNormLSTM
+from .rnn import CELL_NORMS, LayerNormLSTM
 
 SOURCES = ("synthetic", "files")
 
@@ -62,8 +62,8 @@ class LMConfig:
             for key in ("train_path", "valid_path"):
                 if not getattr(self, key) or not Path(getattr(self, key)).is_file():
                     raise bad(key, "an existing text file, one sentence per line")
-        if self.norm not in NORMS:
-            raise bad("norm", ", ".join(map(repr, NORMS)))
+        if self.norm not in CELL_NORMS:
+            raise bad("norm", ", ".join(map(repr, CELL_NORMS)))
         for key in ("synthetic_train_size", "vocab_size", "min_frequency", "max_len", "emb_size", "hidden_size",
                     "num_layers", "batch_size", "max_updates", "eval_every"):
             v = getattr(self, key)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-NORMS = ("layernorm", None)
+CELL_NORMS = ("layernorm", None)  # what a cell's norm= accepts: its LayerNorms, or None (the plain cell)
 Tensor = torch.Tensor
 
 
@@ -106,8 +106,8 @@ class _NormRecurrent(nn.Module):
                 raise ValueError(f"{name}: {key} must be an integer >= 1, got {value!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout must be a number in [0, 1), got {dropout!r}")
-        if norm not in NORMS:
-            raise ValueError(f"{name}: norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
+        if norm not in CELL_NORMS:
+            raise ValueError(f"{name}: norm must be one of {', '.join(map(repr, CELL_NORMS))}, got {norm!r}")
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"{name}: eps must be a finite number > 0, got {eps!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
