@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from transformer_ln.config.sections import ConfigError
 from transformer_ln.errors import UserError
 from transformer_ln.recurrent.lm import LMConfig, train_lm
 
@@ -37,6 +38,20 @@ def test_lm_measurably_learns_the_builtin_corpus(norm, tmp_path):
 def test_lm_config_refuses_bad_values(kw, word):
     with pytest.raises(UserError, match=word):
         _tiny(**kw)
+
+
+@pytest.mark.parametrize("kw, field", [(dict(lr=-1e-3), "lm.lr"), (dict(dropout=float("nan")), "lm.dropout"),
+                                       (dict(clip_norm=float("inf")), "lm.clip_norm"),
+                                       (dict(batch_size=-4), "lm.batch_size"), (dict(clip_norm=-1.0), "lm.clip_norm")])
+def test_lm_config_refuses_nan_infinity_and_negatives_in_one_line_naming_the_field(kw, field):
+    with pytest.raises(ConfigError) as e:
+        _tiny(**kw)
+    assert str(e.value).startswith(f"{field}: got ") and "\n" not in str(e.value), str(e.value)
+
+
+def test_lm_config_round_trips_through_its_dict():
+    cfg = _tiny(norm=None, lr=3)  # an int where a float goes is read as that float
+    assert cfg.lr == 3.0 and LMConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_lm_config_from_dict_names_unknown_keys():

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +22,25 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 
 from ..atomic import write_text
+from ..config.sections import ConfigError, Section
 from ..data.synthetic import synthetic_splits
 from ..data.tokenizer import BOS, EOS, PAD, SPECIALS
 from ..errors import UserError
+from ..runs.rundir import RunDir
 from .rnn import CELL_NORMS, LayerNormLSTM
 
 SOURCES = ("synthetic", "files")
+CONFIG_JSON = "config.json"  # the LM's config (RunDir.CONFIG is the Transformer's config.yaml; RunDir has no name)
 
 
 @dataclass
-class LMConfig:
-    """Everything one LM run depends on; checked on construction."""
+class LMConfig(Section):
+    """Everything one LM run depends on; checked on construction (``Section``): a bad value, NaN and infinity
+    included, is one ``ConfigError`` line naming the field (``lm.<field>``), the value and what is allowed."""
 
-    source: str = "synthetic"        # "synthetic": the English-like side of the built-in corpus; "files": one
-    train_path: str = ""             # sentence per line (e.g. Multi30k's train.en / val.en), read by path
+    _prefix = "lm."
+    source: Literal[SOURCES] = "synthetic"  # the English-like side of the built-in corpus, or "files": one
+    train_path: str = ""                    # sentence per line (e.g. Multi30k's train.en / val.en), read by path
     valid_path: str = ""
     synthetic_train_size: int = 5000
     vocab_size: int = 6000           # word-level vocabulary cap (including the 4 specials)
@@ -44,7 +49,7 @@ class LMConfig:
     emb_size: int = 128
     hidden_size: int = 256
     num_layers: int = 1
-    norm: Optional[str] = "layernorm"  # or None: the plain LSTM, same code
+    norm: Literal[CELL_NORMS] = "layernorm"  # or None: the plain LSTM, same code
     dropout: float = 0.0
     lr: float = 1e-3                 # Adam, constant
     batch_size: int = 32             # sentences per update
@@ -54,37 +59,18 @@ class LMConfig:
     seed: int = 1
 
     def __post_init__(self):
-        def bad(key, allowed):
-            return UserError(f"lm.{key}: got {getattr(self, key)!r}, allowed: {allowed}")
-        if self.source not in SOURCES:
-            raise bad("source", ", ".join(SOURCES))
+        self.check()
+        self.positive("synthetic_train_size", "min_frequency", "max_len", "emb_size", "hidden_size", "num_layers",
+                      "batch_size", "max_updates", "eval_every", "lr")
+        self.at_least("vocab_size", len(SPECIALS) + 1, f"the {len(SPECIALS)} special tokens plus a word")
+        self.probability("dropout")
+        self.non_negative("clip_norm")
         if self.source == "files":
             for key in ("train_path", "valid_path"):
-                if not getattr(self, key) or not Path(getattr(self, key)).is_file():
-                    raise bad(key, "an existing text file, one sentence per line")
-        if self.norm not in CELL_NORMS:
-            raise bad("norm", ", ".join(map(repr, CELL_NORMS)))
-        for key in ("synthetic_train_size", "vocab_size", "min_frequency", "max_len", "emb_size", "hidden_size",
-                    "num_layers", "batch_size", "max_updates", "eval_every"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(key, "an integer >= 1")
-        if self.vocab_size <= len(SPECIALS):
-            raise bad("vocab_size", f"an integer > {len(SPECIALS)} (the special tokens)")
-        for key, lo, hi in (("dropout", 0.0, 1.0), ("lr", 0.0, math.inf), ("clip_norm", 0.0, math.inf)):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v < hi:
-                raise bad(key, f"a finite number in [{lo}, {hi})")
-        if self.lr == 0:
-            raise bad("lr", "a finite number > 0")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"lm config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
+                path = getattr(self, key)
+                if not path or not Path(path).is_file():
+                    raise ConfigError(f"{self._prefix}{key}: got {path!r}, must be an existing text file, one "
+                                      f"sentence per line ({self._prefix}source='files')")
 
 
 def load_texts(cfg: LMConfig) -> dict[str, list[str]]:
@@ -180,7 +166,8 @@ def evaluate_nll(model: RecurrentLM, data: list[list[int]], batch_size: int = 12
 
 def train_lm(cfg: LMConfig, out_dir: Optional[str | Path] = None, progress: bool = False,
              texts: Optional[dict[str, list[str]]] = None) -> dict:
-    """Train one LM; return its summary (and write ``config.json``, ``metrics.jsonl``, ``summary.json``).
+    """Train one LM; return its summary (and write ``config.json``, ``metrics.jsonl``, ``summary.json`` in
+    ``out_dir``: ``CONFIG_JSON`` and ``RunDir``'s names).
 
     ``metrics.jsonl`` has one line per evaluation (update 0 included): update, train loss since the last one,
     valid nll and perplexity, seconds. A non-finite loss ends the run with status ``diverged``.
@@ -193,12 +180,12 @@ def train_lm(cfg: LMConfig, out_dir: Optional[str | Path] = None, progress: bool
         raise UserError(f"lm: no training or validation sentences left (train {len(train)}, valid {len(valid)})")
     model = RecurrentLM(tok.get_vocab_size(), cfg.emb_size, cfg.hidden_size, cfg.num_layers, cfg.norm, cfg.dropout)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    out = Path(out_dir) if out_dir is not None else None
+    run = RunDir(out_dir) if out_dir is not None else None
     metrics_file = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", json.dumps(asdict(cfg), indent=1))
-        metrics_file = open(out / "metrics.jsonl", "w")
+    if run is not None:
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_text(run.path / CONFIG_JSON, json.dumps(cfg.to_dict(), indent=1))
+        metrics_file = open(run.metrics, "w")
     history, losses, status, diverged_at, t0 = [], [], "completed", None, time.perf_counter()
 
     def record(update: int) -> None:
@@ -243,9 +230,10 @@ def train_lm(cfg: LMConfig, out_dir: Optional[str | Path] = None, progress: bool
             metrics_file.close()
     best = min(history, key=lambda r: r["valid_nll"])
     summary = {"status": status, "diverged_at": diverged_at, "updates": history[-1]["update"],
-               "final_valid_ppl": history[-1]["valid_ppl"], "best_valid_ppl": best["valid_ppl"], "seconds": time.perf_counter() - t0,
+               "final_valid_ppl": history[-1]["valid_ppl"], "best_valid_ppl": best["valid_ppl"],
+               "seconds": time.perf_counter() - t0,
                "vocab_size": tok.get_vocab_size(), "train_sentences": len(train), "valid_sentences": len(valid),
                "parameters": sum(p.numel() for p in model.parameters()), "history": history}
-    if out is not None:
-        write_text(out / "summary.json", json.dumps(summary, indent=1))
+    if run is not None:
+        write_text(run.summary, json.dumps(summary, indent=1))
     return summary

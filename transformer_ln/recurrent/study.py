@@ -1,8 +1,9 @@
 """Tables and figures of the layer normalization paper's own claims (Ba et al. 2016), from finished runs.
 
-Why apart from ``plotting``: these read the LM runs of ``transformer_ln.recurrent.lm`` (``config.json``/``summary.json``) and
-the BatchNorm-vs-LayerNorm sweep's ``results.csv``, group them by seed and show mean and spread, which the
-per-run Transformer figures do not need. matplotlib only through ``Figure`` (no pyplot, no global backend).
+Why apart from ``plotting``: these read the LM runs of ``transformer_ln.recurrent.lm`` (``config.json`` and
+``summary.json``, named by ``lm.CONFIG_JSON`` and ``RunDir``) and the BatchNorm-vs-LayerNorm sweep's ``results.csv``,
+group them by seed and show mean and spread, which the per-run Transformer figures do not need. matplotlib only
+through ``Figure`` (no pyplot, no global backend).
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ def lm_run_name(norm: Optional[str], lr: float, seed: int) -> str:
 
 def read_lm_runs(root: str | Path) -> list[dict]:
     """Every finished LM run under ``root``: its config merged into its summary."""
+    from .lm import CONFIG_JSON  # lazily: lm imports torch and tokenizers, reading runs needs neither
+
     runs = []
-    for summary in sorted(Path(root).glob("*/summary.json")):
+    for summary in sorted(Path(root).glob(f"*/{RunDir.SUMMARY}")):
         s = json.loads(summary.read_text())
-        s["config"] = json.loads((summary.parent / "config.json").read_text())
+        s["config"] = json.loads((summary.parent / CONFIG_JSON).read_text())
         s["name"] = summary.parent.name
         runs.append(s)
     return runs
@@ -256,12 +259,12 @@ def valid_nll_two_ways(run_dir: str | Path, max_tokens: Optional[int] = None) ->
 def read_norm_runs(root: str | Path) -> list[dict]:
     """Every finished run under ``root/<norm>-tok<N>/<run>/``: norm, max_tokens, summary, test BLEU, last train nll."""
     rows = []
-    for summary in sorted(Path(root).glob("*-tok*/*/summary.json")):
+    for summary in sorted(Path(root).glob(f"*-tok*/*/{RunDir.SUMMARY}")):
         run = summary.parent
         norm, _, tok = run.parent.name.rpartition("-tok")
         s = json.loads(summary.read_text())
         ev = RunDir(run).find_eval("test")
-        train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+        train = [json.loads(line) for line in RunDir(run).metrics.read_text().splitlines() if '"train"' in line]
         train = [r for r in train if r.get("kind") == "train"]
         last = train[-50:]
         rows.append({"norm": norm, "max_tokens": int(tok), "run": str(run), "status": s["status"],
@@ -311,7 +314,7 @@ def plot_norm_curves(rows: list[dict], path: str | Path, title: str = "") -> Pat
     fig, axes = _figure(3.6 * len(sizes), 3.4, len(sizes))
     for ax, size in zip(axes, sizes):
         for r in sorted((r for r in rows if r["max_tokens"] == size), key=lambda r: r["norm"]):
-            recs = [json.loads(line) for line in (Path(r["run"]) / "metrics.jsonl").read_text().splitlines()]
+            recs = [json.loads(line) for line in RunDir(r["run"]).metrics.read_text().splitlines()]
             valid = [(x["update"], x["nll"]) for x in recs if x.get("kind") == "valid" and math.isfinite(x["nll"])]
             if valid:
                 ax.plot(*zip(*valid), marker="o", ms=3, color=NORM_COLORS.get(r["norm"]), label=r["norm"])
