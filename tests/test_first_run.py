@@ -171,7 +171,7 @@ def test_trackers_are_accelerates_and_a_missing_package_is_one_line(tmp_path):
 
 def _fake_run(folder: Path, omega: bool) -> Path:
     """A run directory as the trainer leaves it (metrics.jsonl, summary.json), written by hand."""
-    from transformer_ln.runs.rundir import Summary
+    from transformer_ln.runs.summary import Summary
 
     folder.mkdir(parents=True)
     recs = [{"kind": "train", "update": u, "loss": 9.0 - u, "lr": 1e-4 * u, "grad_norm": 1.0 + u,

@@ -278,7 +278,7 @@ def test_config_and_checkpoint_round_trip(tmp_path, scheme, norm):
         model(b["src"], b["tgt_in"])  # BatchNorm's running statistics move
     cfg = RunConfig.from_dict({"model": model.cfg.to_dict()})
     assert RunConfig.from_yaml(cfg.to_yaml()) == cfg
-    save_checkpoint(tmp_path, 1, model, torch.optim.Adam(model.parameters()), cfg, {"update": 1})
+    save_checkpoint(tmp_path, 1, model, torch.optim.Adam(model.parameters()).state_dict(), cfg, {"update": 1})
     loaded, loaded_cfg = load_model(tmp_path, "last")
     assert loaded_cfg.model.residual == scheme and loaded_cfg.model.norm == norm
     with torch.no_grad():
@@ -292,7 +292,7 @@ def test_checkpoint_written_before_model_norm_still_loads(tmp_path):
 
     model = _tiny("pre_ln", "layernorm").eval()
     cfg = RunConfig.from_dict({"model": model.cfg.to_dict()})
-    ckpt = save_checkpoint(tmp_path, 1, model, torch.optim.Adam(model.parameters()), cfg, {"update": 1})
+    ckpt = save_checkpoint(tmp_path, 1, model, torch.optim.Adam(model.parameters()).state_dict(), cfg, {"update": 1})
     data = yaml.safe_load((ckpt / "config.yaml").read_text())
     del data["model"]["norm"]
     (ckpt / "config.yaml").write_text(yaml.safe_dump(data))

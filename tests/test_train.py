@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import transformer_ln.training.update as update_mod
+from transformer_ln.training.task import TranslationTask
 from transformer_ln.runs.checkpoint import average_checkpoints, load_model, update_checkpoints
 from transformer_ln.train import Trainer
 
@@ -56,14 +56,14 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_nan_loss_ends_the_run_as_diverged_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
-    real, calls = update_mod.compute_loss, {"n": 0}
+    real, calls = TranslationTask.loss, {"n": 0}
 
-    def poisoned(model, batch, eps, pad_id):  # training batches from the 4th on (the guard's probes run in eval)
+    def poisoned(self, model, batch):  # training batches from the 4th on (the guard's probes run in eval)
         calls["n"] += model.training
-        loss, nll = real(model, batch, eps, pad_id)
+        loss, nll = real(self, model, batch)
         return (loss * float("nan"), nll) if calls["n"] >= 4 and model.training else (loss, nll)
 
-    monkeypatch.setattr(update_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(TranslationTask, "loss", poisoned)
     summary = train(tmp_path, "train.max_updates=20", "train.save_every=1", "train.diverge_patience=3")
     assert summary["status"] == "diverged" and summary["diverged_at"] == 4 and summary["updates"] == 3
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"

@@ -90,7 +90,7 @@ def copy_of(run, tmp_path) -> Path:
 def valid_loss_of(run_dir, which) -> float:
     """The valid loss (bits) of a kept checkpoint, measured here from the files alone."""
     from transformer_ln.data import prepare_data
-    from transformer_ln.training.update import compute_loss
+    from transformer_ln.training.task import TranslationTask
 
     model, cfg = load_model(run_dir, which)
     data = prepare_data(cfg, run_dir)
@@ -99,7 +99,7 @@ def valid_loss_of(run_dir, which) -> float:
     with torch.no_grad():
         for ix in sampler:
             b = data.batch("valid", ix)
-            loss, _ = compute_loss(model, b, cfg.optim.label_smoothing, cfg.model.pad_id)
+            loss, _ = TranslationTask(cfg).loss(model, b)
             total, tokens = total + loss.item(), tokens + b["ntokens"]
     return total / tokens / math.log(2)
 

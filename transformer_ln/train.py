@@ -15,7 +15,8 @@ import sys
 from .config.run_config import DEMO as _DEMO, RunConfig
 from .errors import UserError
 from .runs.rundir import RunDir
-from .training.trainer import State, Trainer, UpdateContext  # noqa: F401  (the public names of the trainer)
+from .training.state import State  # noqa: F401  (the public names of the trainer)
+from .training.trainer import Trainer, UpdateContext  # noqa: F401
 
 # What `transformer-ln train` runs without a CONFIG on the built-in corpus (or with --demo); kept here by name
 DEMO = _DEMO
@@ -76,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=1))
     done_before = trainer.finished and trainer.rundir.find_eval("test") is not None
     if summary["status"] == "completed" and cfg.train.bleu_at_end and not done_before:
-        from .evaluation.evaluate import evaluate_run
-        evaluate_run(trainer.run_dir, split="test", checkpoint="best", accelerator=trainer.accelerator,
-                     model=None)
+        trainer.task.evaluate_at_end(trainer.run_dir, trainer.accelerator)  # translation: test BLEU of best
     return 0
 
 

@@ -6,10 +6,10 @@ command-line grammar every command reads configs with.
 and ``cli`` the ``transformer-ln config`` command. Allowed values of the model's choices come from the registries
 in ``transformer_ln.model``; nothing here imports anything above the model.
 """
-from .run_config import (ACTIVATIONS, ADMIN_OMEGAS, DEMO, NORM_NAMES, RESIDUALS, TRACKERS, DataConfig, ModelConfig,
-                         OptimConfig, RunConfig, TrainConfig, load_run_config)
+from .run_config import (ACTIVATIONS, DEMO, NORM_NAMES, RESIDUALS, TRACKERS, DataConfig, ModelConfig, OptimConfig,
+                         RunConfig, TrainConfig, load_run_config, scheme_options)
 from .sections import CONFIG_FILE, ConfigError, Section, apply_overrides, parse_override, read_yaml_mapping
 
-__all__ = ["ACTIVATIONS", "ADMIN_OMEGAS", "DEMO", "NORM_NAMES", "RESIDUALS", "TRACKERS", "DataConfig", "ModelConfig",
+__all__ = ["ACTIVATIONS", "scheme_options", "DEMO", "NORM_NAMES", "RESIDUALS", "TRACKERS", "DataConfig", "ModelConfig",
            "OptimConfig", "RunConfig", "TrainConfig", "load_run_config", "CONFIG_FILE", "ConfigError", "Section",
            "apply_overrides", "parse_override", "read_yaml_mapping"]

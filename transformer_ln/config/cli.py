@@ -25,8 +25,14 @@ def rows(cfg: Section | None = None) -> list[dict]:
         section = getattr(cfg, sec.name)
         hints = typing.get_type_hints(type(section))
         for f in dataclasses.fields(section):
+            if "expands" in f.metadata:  # a mapping shown as keys of its own (the schemes' options)
+                for name, spec in f.metadata["expands"]().items():
+                    out.append({"key": f"{sec.name}.{name}", "default": getattr(section, name),
+                                "type": "choice" if spec.allowed else type(spec.default).__name__,
+                                "allowed": list(spec.allowed), "help": spec.help})
+                continue
             tp = hints[f.name]
-            allowed = choices(tp)
+            allowed = choices(tp) or (f.metadata["choices"]() if "choices" in f.metadata else ())
             out.append({"key": f"{sec.name}.{f.name}", "default": getattr(section, f.name),
                         "type": "choice" if allowed else _type_name(tp), "allowed": list(allowed),
                         "help": f.metadata.get("help", "")})

@@ -95,8 +95,8 @@ def resolve_config(items: list[str], demo: bool = False, resume_dir: str | Path 
     the CONFIG file (or, with ``resume_dir``, that run's ``config.yaml``) instead of both; the dotted overrides.
     A key that no layer sets keeps its dataclass default.
     """
-    from .config.run_config import DEMO, RunConfig
-    from .config.sections import apply_overrides, read_yaml_mapping
+    from .run_config import DEMO, RunConfig
+    from .sections import apply_overrides, read_yaml_mapping
 
     config, overrides = split_config_arguments(items)
     if resume_dir is not None and config is not None:
@@ -106,9 +106,8 @@ def resolve_config(items: list[str], demo: bool = False, resume_dir: str | Path 
                         "config.DEMO; overrides are allowed)")
     layers: list[tuple[str, dict]] = []  # a key no layer sets keeps its dataclass default
     if resume_dir is not None:
-        from .runs.rundir import RunDir
-
-        layers.append((str(RunDir(resume_dir).config), read_yaml_mapping(RunDir(resume_dir).config)))
+        run_config = Path(resume_dir) / CONFIG_FILE  # the run's own config.yaml (``RunDir.config``)
+        layers.append((str(run_config), read_yaml_mapping(run_config)))
     elif config is not None:
         layers.append((config, read_yaml_mapping(config)))
     else:

@@ -13,21 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..model.admin import ADMIN_OMEGAS as _ADMIN_OMEGAS
 from ..model.norms import NORMS
 from ..model.schemes import SCHEMES
 from .sections import ConfigError, Section, apply_overrides, choices, parse_override, read_yaml_mapping
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "RunConfig", "RESIDUALS",
-           "ADMIN_OMEGAS", "NORM_NAMES", "ACTIVATIONS", "DEMO", "apply_overrides", "parse_override",
+           "NORM_NAMES", "scheme_options", "ACTIVATIONS", "DEMO", "apply_overrides", "parse_override",
            "load_run_config"]
 
-ResidualName = Literal[tuple(SCHEMES)]  # the registry in transformer_ln.model.schemes
 NormName = Literal[tuple(NORMS)]  # transformer_ln.model.norms
-AdminOmegaName = Literal[_ADMIN_OMEGAS]  # transformer_ln.model.admin
 ActivationName = Literal["relu", "gelu"]
-RESIDUALS = choices(ResidualName)
-ADMIN_OMEGAS = choices(AdminOmegaName)
+RESIDUALS = tuple(SCHEMES)  # the schemes registered at import (the config itself reads the registry when asked)
 NORM_NAMES = choices(NormName)
 ACTIVATIONS = choices(ActivationName)
 # accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test keeps the two in step)
@@ -37,9 +33,19 @@ SEED_LIMIT = 2 ** 32  # numpy's and accelerate's set_seed accept 0 .. 2**32 - 1
 
 
 
-def opt(default, help: str):
+def opt(default, help: str, **metadata):
     """A config field with its one line of help (``transformer-ln config`` prints it)."""
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def scheme_names() -> tuple[str, ...]:
+    """The registered schemes, read when asked (a scheme registered after import is a valid choice too)."""
+    return tuple(SCHEMES)
+
+
+def scheme_options() -> dict:
+    """Every registered scheme's own settings (``ResidualScheme.options``), each a config key ``model.<name>``."""
+    return {name: spec for cls in SCHEMES.values() for name, spec in cls.options.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,8 +58,9 @@ class ModelConfig(Section):
 
     ``src_vocab_size``/``tgt_vocab_size`` may stay ``None`` inside a ``RunConfig``: the trainer fills them from the
     tokenizer. ``residual`` picks the scheme (see ``transformer_ln.model.schemes``); ``norm`` the normalization its
-    norms use (``transformer_ln.model.norms``; schemes without norms accept only the default); ``admin_omega`` picks
-    Admin's shortcut scale: ``profile`` (the paper's profiling, ``admin_init``) or a closed form of admin-torch.
+    norms use (``transformer_ln.model.norms``; schemes without norms accept only the default). Each scheme's own
+    settings (``ResidualScheme.options``, e.g. Admin's ``admin_omega``) are keys of this section too: given as
+    ``model.<name>`` (or ``ModelConfig(<name>=...)``), read as ``cfg.<name>``, kept in ``scheme_options``.
     """
 
     _prefix = "model."
@@ -68,10 +75,12 @@ class ModelConfig(Section):
     attn_dropout: float = opt(0.0, "dropout on the attention probabilities")
     act_dropout: float = opt(0.0, "dropout after the FFN activation")
     activation: ActivationName = opt("relu", "FFN activation")
-    residual: ResidualName = opt("post_ln", "residual/normalization scheme (transformer_ln.model.schemes)")
+    residual: str = opt("post_ln", "residual/normalization scheme (transformer_ln.model.schemes)",
+                        choices=scheme_names)
     norm: NormName = opt("layernorm", "normalization the scheme's norms use (transformer_ln.model.norms)")
-    admin_omega: AdminOmegaName = opt("profile",
-                                     "Admin's shortcut scale: profile (the paper's profiling) or a closed form")
+    # the schemes' own settings (Admin's admin_omega...): keys model.<name> in YAML and on the command line, read
+    # as attributes (cfg.admin_omega); each scheme declares them, so this file names none of them
+    scheme_options: dict = field(default_factory=dict, metadata={"expands": scheme_options})
     share_embeddings: bool = opt(False, "one embedding for source, target and output (equal vocabularies)")
     max_positions: int = opt(1024, "longest sequence in tokens; longer training pairs are filtered out")
     pad_id: int = opt(0, "id of the padding token")
@@ -79,6 +88,14 @@ class ModelConfig(Section):
     def __post_init__(self) -> None:
         p = self._prefix
         self.check()
+        specs = scheme_options()
+        unknown = sorted(set(self.scheme_options) - set(specs))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(p + k for k in unknown)}; no registered scheme has them")
+        try:
+            self.scheme_options = {k: s.check(p + k, self.scheme_options.get(k, s.default)) for k, s in specs.items()}
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.positive("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
                       "n_dec_layers", "max_positions")
         self.at_least("max_positions", 2, "a target needs <s> plus one token")
@@ -98,6 +115,48 @@ class ModelConfig(Section):
                 and self.src_vocab_size != self.tgt_vocab_size):
             raise ConfigError(f"{p}share_embeddings: needs src_vocab_size == tgt_vocab_size, got "
                               f"{self.src_vocab_size} and {self.tgt_vocab_size}")
+
+
+    def __getattr__(self, name: str):
+        options = self.__dict__.get("scheme_options")
+        if options is not None and name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def to_dict(self) -> dict:
+        """The fields, with the schemes' options as keys of their own (after ``norm``), as YAML holds them."""
+        out = {}
+        for k, v in super().to_dict().items():
+            if k != "scheme_options":
+                out[k] = v
+            if k == "norm":
+                out.update(self.scheme_options)
+        return out
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [k for k in super().keys() if k != "scheme_options"] + list(scheme_options())
+
+    @classmethod
+    def from_dict(cls, d: dict | None):
+        d = dict(d or {})
+        specs = scheme_options()
+        options = {**d.pop("scheme_options", {}), **{k: d.pop(k) for k in list(d) if k in specs}}
+        return super().from_dict({**d, "scheme_options": options})
+
+
+def _init_with_scheme_options(init):
+    """``ModelConfig(admin_omega=...)``: a scheme's option given as a keyword goes into ``scheme_options``."""
+    def __init__(self, *args, **kwargs):
+        specs = scheme_options()
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in specs}
+        if given:
+            kwargs["scheme_options"] = {**(kwargs.get("scheme_options") or {}), **given}
+        init(self, *args, **kwargs)
+    return __init__
+
+
+ModelConfig.__init__ = _init_with_scheme_options(ModelConfig.__init__)
 
 
 @dataclass
@@ -171,6 +230,8 @@ class TrainConfig(Section):
     """The training loop: batching, length, precision, checkpoints, divergence and evaluation."""
 
     _prefix = "train."
+    task: Literal["translation"] = opt("translation", "what is trained: translation (source -> target pairs, BLEU "
+                                       "at the end); transformer_ln.training.task")
     out_dir: str = opt("runs/run", "run directory: config, tokenizer, metrics, checkpoints, evaluations")
     seed: int = opt(1, "seed of init, dropout and batch order")
     max_tokens: int = opt(4096, "tokens per batch per process, padding included")

@@ -124,6 +124,10 @@ class Section:
             if _non_finite(value):
                 raise ConfigError(f"{self._prefix}{f.name}: got {value!r}; NaN and infinity are not allowed, "
                                   "give a finite number")
+            allowed = f.metadata.get("choices")  # choices read from a registry when asked
+            if allowed is not None and value not in allowed():
+                raise ConfigError(f"{self._prefix}{f.name}: got {value!r}, allowed: "
+                                  f"{', '.join(map(repr, allowed()))}")
 
     # one-line range checks shared by the sections
 
@@ -160,6 +164,11 @@ class Section:
         return out
 
     @classmethod
+    def keys(cls) -> list[str]:
+        """The keys this section reads (its fields, unless a section shows some under other names)."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
     def from_dict(cls, d: dict | None):
         d = dict(d or {})
         hints = typing.get_type_hints(cls)
@@ -167,7 +176,7 @@ class Section:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown key(s) {', '.join(cls._prefix + str(k) for k in unknown)}; "
-                              f"allowed: {', '.join(sorted(names))}")
+                              f"allowed: {', '.join(sorted(cls.keys()))}")
         kwargs = {}
         for k, v in d.items():
             tp = hints[k]

@@ -281,7 +281,8 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def curves_figure(run_dirs: Iterable[str | Path]):
     """Overlay the training curves of several runs (a ``Figure``): train/valid loss in bits per token (base 2, as
-    the trainer logs them), lr, grad norm and, only when a run has one, Admin's omega (min-mean-max).
+    the trainer logs them), lr, grad norm and the panels the schemes add (``ResidualScheme.curve_panels``, e.g.
+    Admin's omega, min-mean-max), each only when a run logged its numbers.
 
     A diverged run (``summary.json`` status "diverged") ends in a cross at its last logged point, labelled with
     the update where it stopped.
@@ -289,10 +290,14 @@ def curves_figure(run_dirs: Iterable[str | Path]):
     runs = [read_run(d) for d in run_dirs]
     panels = [("train", "loss", "train loss (bits/token)"), ("valid", "loss", "valid loss (bits/token)"),
               ("train", "lr", "learning rate"), ("train", "grad_norm", "gradient norm (before clipping)")]
-    if any(_series(run["train"], "omega_mean")[0] for run in runs):  # no empty panel for runs without Admin
-        panels.append(("train", "omega_mean", "Admin omega"))
-    fig = _figure(13, 7.5)
-    axes = fig.subplots(2, 3).ravel()
+    bands = {}
+    for key, title, band in dict.fromkeys(p for cls in SCHEMES.values() for p in cls.curve_panels):
+        if any(_series(run["train"], key)[0] for run in runs):  # no empty panel for schemes no run used
+            panels.append(("train", key, title + (" (mean, band = min..max)" if band else "")))
+            bands[key] = band
+    rows = -(-(len(panels) + 1) // 3)  # and one cell for the legend
+    fig = _figure(13, 3.75 * rows)
+    axes = fig.subplots(rows, 3).ravel()
     colors = [f"C{i}" for i in range(10)]
     for k, run in enumerate(runs):
         color = colors[k % len(colors)]
@@ -303,8 +308,8 @@ def curves_figure(run_dirs: Iterable[str | Path]):
             if not xs:
                 continue
             ax.plot(xs, ys, "-" if kind == "train" else "o-", ms=3, color=color, label=label)
-            if key == "omega_mean":
-                lo, hi = _series(run[kind], "omega_min"), _series(run[kind], "omega_max")
+            if bands.get(key):
+                lo, hi = _series(run[kind], bands[key][0]), _series(run[kind], bands[key][1])
                 if len(lo[0]) == len(xs) == len(hi[0]):
                     ax.fill_between(xs, lo[1], hi[1], color=color, alpha=0.15)
             if diverged:
@@ -312,7 +317,7 @@ def curves_figure(run_dirs: Iterable[str | Path]):
     for ax, (_, key, title) in zip(axes, panels):
         ax.set_xlabel("update")
         ax.set_ylabel(title)
-        ax.set_title(title + (" (mean, band = min..max)" if key == "omega_mean" else ""))
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ys = np.concatenate([np.asarray(line.get_ydata(), float) for line in ax.get_lines()] or [np.ones(1)])
         if key in ("loss", "grad_norm") and ys.min() > 0 and ys.max() / ys.min() > 20:

@@ -24,12 +24,12 @@ import math
 import torch
 from torch import nn
 
-from .sublayer import Residual, ResidualScheme, Site
+from .sublayer import Residual, ResidualScheme, SchemeOption, Site
 
 OUTPUT_CHANGE_SCALES = ("O(logn)", "O(n)", "O(1)")
 ADMIN_OMEGAS = ("profile", *OUTPUT_CHANGE_SCALES)
 
-__all__ = ["Admin", "calculate_init", "as_module", "OmegaResidual", "admin_init", "omega_stats", "omega_summary",
+__all__ = ["Admin", "calculate_init", "as_module", "OmegaResidual", "admin_init", "omega_summary",
            "OUTPUT_CHANGE_SCALES", "ADMIN_OMEGAS"]
 
 
@@ -95,7 +95,9 @@ class Admin(ResidualScheme):
     """
 
     name, label, color = "admin", "Admin", "tab:green"
-    options = ("admin_omega",)
+    options = {"admin_omega": SchemeOption("profile", "Admin's shortcut scale: profile (the paper's profiling) or a "
+                                           "closed form of admin-torch", ADMIN_OMEGAS)}
+    curve_panels = (("omega_mean", "Admin omega", ("omega_min", "omega_max")),)
 
     def __init__(self, norm: str = "layernorm", admin_omega: str = "profile"):
         super().__init__(norm)
@@ -117,6 +119,15 @@ class Admin(ResidualScheme):
         if omega != "profile":  # the model's own choice, whichever instance of the scheme is asked
             return None
         return admin_init(model, src, tgt_in, seed=seed)
+
+    def calibration_note(self, profile: dict) -> str:
+        return "Admin profile: " + ", ".join(f"{stack} omega {w[0]:.3f} .. {w[-1]:.3f}"
+                                             for stack, w in profile.items() if w)
+
+    def update_stats(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """omega's min, mean and max over every entry, before the update (what the curves figure bands)."""
+        summary = omega_summary(model)
+        return None if summary is None else dict(zip(("omega_min", "omega_mean", "omega_max"), summary))
 
 
 def as_module(num_res_layers: int, output_change_scale: str = "O(logn)", as_parameter: bool = False,
@@ -212,12 +223,3 @@ def omega_summary(model: nn.Module) -> torch.Tensor | None:
         return None
     flat = torch.cat(omegas)
     return torch.stack([flat.min(), flat.mean(), flat.max()])
-
-
-def omega_stats(model: nn.Module) -> dict[str, float] | None:
-    """min/mean/max of all omega entries (for logs), or None for a model without Admin residuals."""
-    summary = omega_summary(model)
-    if summary is None:
-        return None
-    lo, mean, hi = summary.tolist()
-    return {"omega_min": lo, "omega_mean": mean, "omega_max": hi}

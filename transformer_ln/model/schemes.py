@@ -17,7 +17,9 @@ layers; LN stands for the norm ``model.norm`` picks)::
 Each scheme is a ``ResidualScheme`` (``transformer_ln.model.sublayer``): class attributes place the norms, ``residual``
 picks the shortcut combiner, ``init_sublayer``/``init_model``/``calibrate`` are its initialisation. Its formula, paper
 and initialisation are in its docstring. A new scheme is a subclass here and an entry in ``SCHEMES``; config,
-plots, analysis, sweeps and benchmarks read the registry (label and colour live on the scheme).
+plots, analysis, sweeps and benchmarks read the registry (label and colour live on the scheme). A scheme's own
+settings are ``options`` (each a ``SchemeOption``, the config key ``model.<name>``), what it logs per update is
+``update_stats`` and what it adds to the curves figure is ``curve_panels``: Admin's omega uses all three.
 """
 from __future__ import annotations
 
@@ -28,11 +30,12 @@ from torch import nn
 
 from .admin import Admin, OmegaResidual, calculate_init
 from .norms import apply_norm
-from .sublayer import DualSublayer, Residual, ResidualScheme, Site, Sublayer
+from .sublayer import DualSublayer, Residual, ResidualScheme, SchemeOption, Site, Sublayer
 
 __all__ = ["SCHEMES", "get_scheme", "scheme_from_config", "deepnorm_constants", "ResidualScheme", "Residual",
            "OmegaResidual", "ScaledResidual", "GatedResidual", "Sublayer", "DualSublayer", "Site", "calculate_init",
-           "PostLN", "PreLN", "Admin", "DeepNorm", "SubLN", "ReZero", "ReZeroPostLN", "Sandwich", "TFixup", "ResiDual"]
+           "PostLN", "PreLN", "Admin", "DeepNorm", "SubLN", "ReZero", "ReZeroPostLN", "Sandwich", "TFixup", "ResiDual",
+           "SchemeOption"]
 
 
 class PostLN(ResidualScheme):
@@ -291,8 +294,3 @@ def scheme_from_config(cfg) -> ResidualScheme:
     """The scheme a ``ModelConfig`` names, with its options read from the config."""
     return get_scheme(cfg.residual, norm=getattr(cfg, "norm", "layernorm"),
                       **{k: getattr(cfg, k) for k in SCHEMES[cfg.residual].options})
-
-
-def is_scheme_module(module: nn.Module) -> bool:
-    """A residual combiner (its parameters, omega or alpha, belong to the scheme, not to a branch)."""
-    return isinstance(module, Residual)

@@ -13,7 +13,9 @@ output the sum before ``post_norm``), on the norms (each has ``decompose``), and
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +42,35 @@ class Site:
     n_dec_layers: int
     d_model: int
     n_sublayers: int
+
+
+@dataclass(frozen=True)
+class SchemeOption:
+    """One setting of a scheme, the config key ``model.<name>``: its default, allowed values and one line of help.
+
+    ``allowed`` lists the choices; left empty, any finite value of the default's type is allowed. The config reads
+    every registered scheme's options from the registry, so a scheme with an option touches only its own module.
+    """
+
+    default: Any
+    help: str
+    allowed: tuple = ()
+
+    def check(self, key: str, value: Any) -> Any:
+        """``value`` if allowed (an int where the default is a float becomes a float); else a ValueError naming
+        ``key``."""
+        if self.allowed:
+            if value not in self.allowed:
+                raise ValueError(f"{key}: got {value!r}, allowed: {', '.join(map(repr, self.allowed))}")
+            return value
+        kind = type(self.default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind:
+            raise ValueError(f"{key}: got {value!r}, expected a {kind.__name__}")
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{key}: got {value!r}; NaN and infinity are not allowed, give a finite number")
+        return value
 
 
 class Residual(nn.Module):
@@ -116,7 +147,10 @@ class ResidualScheme:
     has_norms = True     # False: the scheme holds no normalization module at all (``norm`` must stay the default)
     custom_init = False  # True: ``init_sublayer``/``init_model`` change the default initialisation
     sublayer_class = Sublayer
-    options: tuple[str, ...] = ()  # further ModelConfig fields the scheme reads (Admin: admin_omega)
+    options: dict[str, SchemeOption] = {}  # the scheme's own settings, config keys model.<name> (Admin: admin_omega)
+    # panels the scheme adds to the training-curves figure: (metrics key, title, (band low key, band high key) or
+    # None), read from the train records its ``update_stats`` fills
+    curve_panels: tuple[tuple[str, str, tuple[str, str] | None], ...] = ()
 
     def __init__(self, norm: str = DEFAULT_NORM):
         if norm not in NORMS:
@@ -173,7 +207,17 @@ class ResidualScheme:
         """Called by ``init_weights`` on a whole ``Seq2SeqTransformer`` after the sub-layers (embeddings)."""
 
     def calibrate(self, model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: int = 0) -> dict | None:
-        """Data-dependent initialisation on one batch before the first update; None if the scheme has none."""
+        """Data-dependent initialisation on one batch before the first update; None if the scheme has none.
+        Returns what it measured (the trainer keeps it as the run's ``profile.json``)."""
+        return None
+
+    def calibration_note(self, profile: dict) -> str:
+        """One line for the log about what ``calibrate`` returned."""
+        return f"{self.label} calibrated on the first batch"
+
+    # ---- telemetry
+    def update_stats(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Numbers the trainer logs with every update, as device scalars (no host sync here), or None."""
         return None
 
 

@@ -11,7 +11,9 @@ optimizer, RNG per process) plus the trainer's position, in safe formats:
     config.yaml            the run's resolved config
 
 It is written under a temporary name and renamed into place, so a crash leaves either the old or the new one.
-``best`` is a copy of the checkpoint with the lowest validation loss; ``averaged`` the mean of the last N.
+``best`` is a copy of the checkpoint with the lowest validation loss; ``averaged`` the mean of the last N. This
+module is the format; ``training.checkpointer`` decides when to write, gathers the state under FSDP and keeps
+``best``.
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ from ..config.run_config import ConfigError, RunConfig
 from ..config.parser import Parser
 from ..errors import UserError
 from .rundir import RunDir
-from ..training import sharding
 
 PREFIX = RunDir.UPDATE_PREFIX
 
@@ -63,16 +64,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, update: int, model: torch.nn.Module, optimizer, cfg: RunConfig,
+def save_checkpoint(run_dir: Path, update: int, whole: torch.nn.Module | None, optim_state: dict, cfg: RunConfig,
                     trainer_state: dict, accelerator=None) -> Path:
     """Write ``checkpoints/update_<update>`` atomically; every process writes its RNG, the main one the rest.
 
-    Every process must call it: under FSDP the full model and optimizer state are gathered first.
+    ``whole`` is the whole model and ``optim_state`` the whole optimizer's ``state_dict()`` (under FSDP gathered
+    onto the main process first; the other processes pass what they have). Every process must call it.
     """
-    from ..model.seq2seq import Seq2SeqTransformer
-
-    whole = sharding.full_copy(model, accelerator, lambda: Seq2SeqTransformer(cfg.model))
-    optim_state = sharding.full_optimizer_state(model, optimizer, accelerator)
     is_main = accelerator is None or accelerator.is_main_process
     rank = 0 if accelerator is None else accelerator.process_index
     final = checkpoints_dir(run_dir) / f"{PREFIX}{update:08d}"
@@ -85,7 +83,7 @@ def save_checkpoint(run_dir: Path, update: int, model: torch.nn.Module, optimize
     if is_main:
         st_save_model(whole, str(tmp / "model.safetensors"))
         torch.save(optim_state, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        (tmp / RunDir.STATE).write_text(json.dumps(trainer_state, indent=1))
         cfg.save(tmp / RunDir.CONFIG)
     _barrier(accelerator)
     if is_main:
@@ -114,7 +112,7 @@ def copy_as(src: Path, name: str) -> Path:
     return final
 
 
-def resolve(run_dir: str | Path, which: str = "best") -> Path:
+def resolve(run_dir: str | Path, which: str = RunDir.BEST) -> Path:
     """``best``, ``last``, ``averaged``, ``update_<n>`` or a checkpoint folder path -> the folder."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -128,7 +126,7 @@ def resolve(run_dir: str | Path, which: str = "best") -> Path:
             raise UserError(f"{run_dir} has no checkpoints yet (expected {checkpoints_dir(run_dir)}/update_*)")
         return found[-1]
     path = checkpoints_dir(run_dir) / which
-    if which == "best" and not path.is_dir():
+    if which == RunDir.BEST and not path.is_dir():
         return resolve(run_dir, "last")
     if not (path / "model.safetensors").is_file():
         have = sorted(p.name for p in checkpoints_dir(run_dir).glob("*") if p.is_dir())
@@ -174,13 +172,13 @@ def load_weights(model: torch.nn.Module, ckpt: Path,
                         f"unexpected {sorted(unexpected)[:3]}")
 
 
-def load_model(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"):
+def load_model(run_dir: str | Path, which: str = RunDir.BEST, device: str | torch.device = "cpu"):
     """Rebuild a trained model from its run directory: ``(model in eval mode, RunConfig)``."""
     from ..model.seq2seq import Seq2SeqTransformer
 
     ckpt = resolve(run_dir, which)
     cfg = load_run_config_from(ckpt)
-    model = Seq2SeqTransformer(cfg.model)
+    model = Seq2SeqTransformer(cfg.model)  # the translation task's model (``training.task`` builds the same)
     load_weights(model, ckpt)
     return model.to(device).eval(), cfg
 
@@ -206,19 +204,6 @@ def read_optimizer_and_rng(ckpt: Path, rank: int = 0) -> tuple[dict, dict]:
     return _load_tensors(ckpt / "optimizer.pt"), _load_tensors(ckpt / f"rng_{rank}.pt")
 
 
-def apply_optimizer_and_rng(model, optimizer, ckpt: Path, states: tuple[dict, dict], accelerator=None) -> None:
-    """Load what ``read_optimizer_and_rng`` read into a prepared optimizer (each process keeps its shard under
-    FSDP) and set this process's RNG; a mismatch is one line."""
-    optim_state, rng = states
-    try:
-        sharding.load_optimizer_state(model, optimizer, optim_state, accelerator)
-        set_rng_state(rng)
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise UserError(f"checkpoint {ckpt} does not fit this run's optimizer or RNG: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
-
 def average_checkpoints(run_dir: str | Path, last: int) -> Path:
     """Mean of the float parameters of the last ``last`` update checkpoints -> ``checkpoints/averaged``."""
     if not Path(run_dir).is_dir():
@@ -240,8 +225,8 @@ def average_checkpoints(run_dir: str | Path, last: int) -> Path:
             total[k] = total[k] + v.double() if k in total else v.double()
     first = load_file(str(chosen[0] / "model.safetensors"))
     averaged = {k: (v / last).to(first[k].dtype) for k, v in total.items()}
-    out = checkpoints_dir(Path(run_dir)) / "averaged"
-    tmp = out.with_name(".averaged.tmp")
+    out = checkpoints_dir(Path(run_dir)) / RunDir.AVERAGED
+    tmp = out.with_name(f".{RunDir.AVERAGED}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(averaged, str(tmp / "model.safetensors"), metadata={"averaged": ",".join(p.name for p in chosen)})

@@ -3,25 +3,18 @@
 The recipe follows fairseq and the Admin paper: label-smoothed cross-entropy summed over tokens and divided by the
 global number of target tokens (across processes and accumulation steps), an inverse-sqrt schedule set from the
 update count, Adam or RAdam. ``accumulate`` computes the gradient and the statistics the divergence guard needs;
-the caller decides whether ``optimizer.step()`` follows.
+the caller decides whether ``optimizer.step()`` follows. The loss of a batch is the task's (``task.Task.loss``).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 
-from ..model.admin import omega_summary
 from ..config.run_config import RunConfig
-from .losses import label_smoothed_nll_loss
 from .schedule import inverse_sqrt_lr
-
-
-def compute_loss(model, batch: dict, eps: float, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(label-smoothed loss sum, nll sum) of one batch."""
-    logits = model(batch["src"], batch["tgt_in"])
-    return label_smoothed_nll_loss(logits, batch["tgt_out"], eps, pad_id)
 
 
 def resolve_mixed_precision(value: str, device: torch.device) -> str:
@@ -57,27 +50,23 @@ def set_lr(optimizer, update: int, cfg: RunConfig) -> float:
     return lr
 
 
-def empty_batch(device) -> dict:
-    """A one-token batch with weight 0: a process without data still joins the collective operations."""
-    one = torch.full((1, 2), 4, dtype=torch.long, device=device)
-    return {"src": one, "tgt_in": one, "tgt_out": one, "ntokens": 0}
-
-
-def accumulate(acc, model, raw_model, group: list[dict | None], cfg: RunConfig) -> dict[str, float]:
+def accumulate(acc, model, group: list[dict | None], cfg: RunConfig, task,
+               telemetry: Callable[[], dict[str, torch.Tensor] | None] | None = None) -> dict[str, float]:
     """Forward and backward over ``update_freq`` micro-batches; returns the global loss, nll and grad norm (bits).
 
     Each micro-batch's summed loss is scaled by world / (global target tokens) so that, after DDP averages the
     gradients over processes, the gradient is that of sum(loss) / sum(tokens) over everything in the update.
-    A ``None`` micro-batch (this process ran out of batches) repeats a real one with weight 0.
+    A ``None`` micro-batch (this process ran out of batches) repeats a real one with weight 0. ``telemetry``
+    gives the scheme's own numbers (Admin's omega before the update: ``ResidualScheme.update_stats``) as device
+    scalars; they join the update's one host sync and come back under their names.
     """
-    pad_id = cfg.model.pad_id
     real = [b for b in group if b is not None]
     local_tokens = sum(b["ntokens"] for b in real)
     counts = acc.reduce(torch.tensor([float(local_tokens)], device=acc.device), reduction="sum")
     scale = acc.num_processes / counts.clamp(min=1.0)
     loss_acc = torch.zeros((), device=acc.device)
     nll_acc = torch.zeros((), device=acc.device)
-    filler = real[0] if real else empty_batch(acc.device)
+    filler = real[0] if real else task.empty_batch(acc.device)
     for j, b in enumerate(group):
         weight = 1.0 if b is not None else 0.0
         b = b if b is not None else filler
@@ -85,7 +74,7 @@ def accumulate(acc, model, raw_model, group: list[dict | None], cfg: RunConfig) 
         ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
         with ctx:
             with acc.autocast():
-                loss, nll = compute_loss(model, b, cfg.optim.label_smoothing, pad_id)
+                loss, nll = task.loss(model, b)
             acc.backward(loss * (weight * scale[0]))
         loss_acc = loss_acc + loss.detach() * weight
         nll_acc = nll_acc + nll.detach() * weight
@@ -93,30 +82,30 @@ def accumulate(acc, model, raw_model, group: list[dict | None], cfg: RunConfig) 
     gnorm = acc.clip_grad_norm_(model.parameters(), clip)
     sums = acc.reduce(torch.stack([loss_acc, nll_acc]), reduction="sum")
     gnorm = torch.as_tensor(gnorm, device=acc.device, dtype=torch.float32).reshape(())
-    omega = omega_summary(raw_model)  # Admin's omega before this update; None for other schemes
-    parts = [sums / counts, gnorm[None], counts] + ([omega] if omega is not None else [])
+    extra = (telemetry() if telemetry is not None else None) or {}
+    parts = [sums / counts, gnorm[None], counts] + [torch.stack([v.float().reshape(()) for v in extra.values()])
+                                                     if extra else counts[:0]]
     stats = torch.cat(parts).tolist()  # the one host sync of an update
     loss_v, nll_v, gnorm_v, tokens = stats[:4]
     out = {"loss": loss_v / math.log(2), "nll": nll_v / math.log(2), "grad_norm": gnorm_v, "ntokens": int(tokens)}
-    if omega is not None:
-        out.update(omega_min=stats[4], omega_mean=stats[5], omega_max=stats[6])
+    out.update(zip(extra, stats[4:]))
     return out
 
 
 @torch.no_grad()
-def probe_loss(acc, raw_model, group: list[dict | None], cfg: RunConfig) -> float:
+def probe_loss(acc, raw_model, group: list[dict | None], task) -> float:
     """Loss (bits per target token, label-smoothed as in training) of ``group`` with the current weights.
 
     Eval mode and no gradient: no dropout mask is drawn, so the RNG streams (and bit-exact resume) are untouched.
     """
     was_training = raw_model.training
     raw_model.eval()
-    total = loss_sums(acc, raw_model, group, cfg).tolist()
+    total = loss_sums(acc, raw_model, group, task).tolist()
     raw_model.train(was_training)
     return total[0] / max(total[2], 1.0) / math.log(2)
 
 
-def loss_sums(acc, model, batches, cfg: RunConfig) -> torch.Tensor:
+def loss_sums(acc, model, batches, task) -> torch.Tensor:
     """(label-smoothed loss, nll, target tokens) summed over ``batches`` and every process, in the model's mode.
 
     A ``None`` batch runs a filler that is not counted, so every process runs the same number of forward passes
@@ -125,8 +114,7 @@ def loss_sums(acc, model, batches, cfg: RunConfig) -> torch.Tensor:
     sums = torch.zeros(3, device=acc.device)
     for b in batches:
         with acc.autocast():
-            loss, nll = compute_loss(model, b if b is not None else empty_batch(acc.device),
-                                     cfg.optim.label_smoothing, cfg.model.pad_id)
+            loss, nll = task.loss(model, b if b is not None else task.empty_batch(acc.device))
         if b is not None:
             sums += torch.stack([loss.float(), nll.float(), torch.tensor(float(b["ntokens"]), device=acc.device)])
     return acc.reduce(sums, reduction="sum")
