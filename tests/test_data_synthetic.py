@@ -1,6 +1,5 @@
 """The built-in language pair: deterministic, fast, a real translation task (copying fails), modest vocabulary."""
 import re
-import time
 
 import sacrebleu
 
@@ -15,10 +14,8 @@ def test_same_seed_same_corpus_other_seed_other_corpus():
     assert generate_synthetic(100, 7) == a[:100]  # a prefix: a bigger corpus extends a smaller one
 
 
-def test_twenty_thousand_pairs_under_two_seconds_with_lengths_3_to_40():
-    t = time.process_time()
-    pairs = generate_synthetic(20000, 1234)
-    assert time.process_time() - t < 2.0
+def test_twenty_thousand_pairs_with_lengths_3_to_40():
+    pairs = generate_synthetic(20000, 1234)  # its speed is a figure: benchmarks/synthetic_speed.py
     lens = [len(s.split()) for s, _ in pairs] + [len(t.split()) for _, t in pairs]
     assert min(lens) >= 3 and max(lens) <= 40
     assert max(lens) >= 30  # long sentences occur, not just short ones
