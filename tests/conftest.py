@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from transformer_ln import ModelConfig, Seq2SeqTransformer
+from transformer_ln import SCHEMES, ModelConfig, Seq2SeqTransformer
 
-SCHEME_NAMES = ("post_ln", "pre_ln", "admin")
+SCHEME_NAMES = tuple(SCHEMES)  # every registered scheme: a new one is tested by every `scheme` test
 
 # A training run small enough for a test: a few updates of a 2-layer model on 400 synthetic pairs.
 TINY_RUN = {

@@ -2,6 +2,7 @@ import pytest
 
 from transformer_ln import ConfigError, ModelConfig, RunConfig, UserError, load_run_config
 from transformer_ln.config import apply_overrides
+from transformer_ln.model.schemes import SCHEMES
 
 
 def test_model_config_defaults_match_the_interface():
@@ -118,14 +119,23 @@ def test_out_of_range_values_are_one_line(override, needle):
     assert needle in str(e.value) and override.split("=")[0] in str(e.value) and "\n" not in str(e.value)
 
 
-def test_choice_fields_are_literal_types():
+def test_choice_fields_are_literal_types_or_read_from_the_registry():
+    import dataclasses
     import typing
 
     from transformer_ln.config import RESIDUALS
+    from transformer_ln.config.cli import rows
     from transformer_ln.config.sections import choices
+    from transformer_ln.model.norms import NORMS
 
     hints = typing.get_type_hints(ModelConfig)
-    assert typing.get_origin(hints["residual"]) is typing.Literal and choices(hints["residual"]) == RESIDUALS
+    assert typing.get_origin(hints["norm"]) is typing.Literal and choices(hints["norm"]) == tuple(NORMS)
+    # the scheme is checked against the registry when the config is built, so a scheme registered later counts
+    residual = next(f for f in dataclasses.fields(ModelConfig) if f.name == "residual")
+    assert residual.metadata["choices"]() == RESIDUALS == tuple(SCHEMES)
+    allowed = {r["key"]: r["allowed"] for r in rows()}
+    assert allowed["model.residual"] == list(SCHEMES) and allowed["model.admin_omega"] == list(
+        SCHEMES["admin"].options["admin_omega"].allowed)
 
 
 def test_one_config_grammar_with_options_anywhere(tmp_path):

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from transformer_ln import ModelConfig, Seq2SeqTransformer
+from transformer_ln import SCHEMES, ModelConfig, Seq2SeqTransformer
 from transformer_ln.model.schemes import OmegaResidual
 
 from conftest import tiny_config, tiny_model
@@ -31,10 +31,11 @@ def test_admin_with_unit_omega_equals_post_ln_exactly():
     assert torch.equal(post.eval()(src, tgt), admin.eval()(src, tgt))
 
 
-def test_only_pre_ln_has_a_final_norm_per_stack(scheme):
+def test_a_final_norm_per_stack_exactly_where_the_scheme_declares_one(scheme):
     model = tiny_model(scheme)
     for stack in (model.encoder, model.decoder):
-        assert isinstance(stack.final_norm, nn.LayerNorm) == (scheme == "pre_ln")
+        assert isinstance(stack.final_norm, nn.LayerNorm) == SCHEMES[scheme].final_norm
+    assert SCHEMES["pre_ln"].final_norm and not SCHEMES["post_ln"].final_norm and not SCHEMES["admin"].final_norm
 
 
 @torch.no_grad()

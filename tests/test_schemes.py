@@ -352,3 +352,52 @@ def test_residual_hook_sees_exactly_the_summed_terms(scheme):
         s, g = (1.0 if v is None else v for v in r["scales"])
         torch.testing.assert_close(r["out"], s * r["x"] + g * r["a"], atol=1e-6, rtol=1e-6)
         assert torch.equal(r["a"], r["branch"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a new scheme with an option of its own touches only the schemes module (here: this test) and trains from the CLI
+
+
+def test_a_registered_scheme_with_an_option_trains_through_the_cli(tmp_path, monkeypatch, capsys):
+    import json
+
+    from transformer_ln.cli import main as cli_main
+    from transformer_ln.diagnostics.plotting import curves_figure
+    from transformer_ln.model.schemes import PostLN, ScaledResidual, SchemeOption
+    from transformer_ln.runs.checkpoint import load_model
+
+    class GainPostLN(PostLN):
+        """Post-LN with a constant shortcut gain: x_i = LN(gain * x_{i-1} + a_i) (a throwaway for this test)."""
+
+        name, label, color = "gain_post_ln", "Gain Post-LN", "tab:gray"
+        options = {"shortcut_gain": SchemeOption(1.0, "the shortcut's constant gain")}
+        curve_panels = (("gain", "shortcut gain", None),)
+
+        def __init__(self, norm="layernorm", shortcut_gain=1.0):
+            super().__init__(norm)
+            self.shortcut_gain = shortcut_gain
+
+        def residual(self, site):
+            return ScaledResidual(self.shortcut_gain)
+
+        def update_stats(self, model):
+            return {"gain": torch.tensor(self.shortcut_gain)}
+
+    monkeypatch.setitem(SCHEMES, GainPostLN.name, GainPostLN)
+    tiny = ["model.d_model=32", "model.n_heads=4", "model.d_ff=64", "model.n_enc_layers=1", "model.n_dec_layers=1",
+            "model.max_positions=128", "data.synthetic_size=200", "data.vocab_size=200", "train.max_tokens=600",
+            "train.max_updates=1", "train.bleu_at_end=false", "model.residual=gain_post_ln"]
+    run = tmp_path / "run"
+    assert cli_main(["train", "--cpu", *tiny, "model.shortcut_gain=0.5", f"train.out_dir={run}"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["gain"] for r in records if r["kind"] == "train"] == [0.5]  # the scheme's own telemetry
+    model, cfg = load_model(run, "last")
+    assert cfg.model.shortcut_gain == 0.5 and "shortcut_gain: 0.5" in (run / "config.yaml").read_text()
+    alphas = {m.alpha for m in model.modules() if isinstance(m, ScaledResidual)}
+    assert alphas == {0.5}
+    fig = curves_figure([run])
+    assert any(ax.get_title() == "shortcut gain" for ax in fig.axes)
+    capsys.readouterr()
+    assert cli_main(["train", "--cpu", *tiny, "model.shortcut_gain=nan", f"train.out_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.shortcut_gain" in err[0] and "NaN" in err[0]

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from ..model.schemes import Sublayer
-
-STACKS = ("encoder", "decoder")
+from ..model.sublayer import STACKS
 
 
 class HookSet:

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..model.schemes import SCHEMES
+from ..model.sublayer import STACKS
 
 SCHEME_LABELS = {name: cls.label for name, cls in SCHEMES.items()}  # the registry's, so a new scheme needs no edit
 SCHEME_COLORS = {name: cls.color for name, cls in SCHEMES.items()}
@@ -50,7 +51,7 @@ def dependency_figure(betas: Mapping[str, Mapping[str, np.ndarray]], checkpoint:
         checkpoint: shown in the titles ("init", "best", a file name).
     """
     schemes = list(betas)
-    stacks = [s for s in ("encoder", "decoder") if any(s in betas[k] for k in schemes)]
+    stacks = [s for s in STACKS if any(s in betas[k] for k in schemes)]
     # the colour scale follows the branch columns (the paper does not draw x_0); larger x_0 values saturate
     vmax = max(float(np.max(betas[k][s][:, 1:])) for k in schemes for s in stacks if s in betas[k])
     vmax = vmax if vmax > 0 else 1.0
@@ -173,7 +174,7 @@ def output_change_bars_figure(changes: Mapping[str, Mapping[str, float]], checkp
                               definition: str = "|ΔF|², stack output, eval mode, pads skipped"):
     """Bars of the output change per scheme and stack (a single model each), 95% intervals as error bars."""
     schemes = list(changes)
-    stacks = [s for s in ("encoder", "decoder") if any(s in changes[k] for k in schemes)]
+    stacks = [s for s in STACKS if any(s in changes[k] for k in schemes)]
     fig = _figure(max(4.5, 2.2 * len(schemes)), 3.8)
     ax = fig.subplots()
     width = 0.8 / len(stacks)
@@ -208,7 +209,7 @@ def grad_norms_figure(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], chec
     Args:
         norms: ``{scheme: gradient_norms(...)}``.
     """
-    stacks = ("encoder", "decoder")
+    stacks = STACKS
     kinds = (("output_grad_rel", r"$|\partial L/\partial x_i|$ / max"),
              ("param_grad_rel", r"$|\partial L/\partial \theta_i|$ / max"))
     fig = _figure(11, 7)

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from .sublayer import Residual, ResidualScheme, SchemeOption, Site
+from .sublayer import STACKS, Residual, ResidualScheme, SchemeOption, Site
 
 OUTPUT_CHANGE_SCALES = ("O(logn)", "O(n)", "O(1)")
 ADMIN_OMEGAS = ("profile", *OUTPUT_CHANGE_SCALES)
@@ -144,7 +144,7 @@ def as_module(num_res_layers: int, output_change_scale: str = "O(logn)", as_para
 
 def _stack_of(name: str) -> str:
     parts = name.split(".")
-    for stack in ("encoder", "decoder"):
+    for stack in STACKS:
         if stack in parts:
             return stack
     raise ValueError(f"cannot tell which stack {name!r} belongs to; pass the unwrapped Seq2SeqTransformer")

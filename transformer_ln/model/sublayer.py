@@ -64,6 +64,11 @@ class SchemeOption:
                 raise ValueError(f"{key}: got {value!r}, allowed: {', '.join(map(repr, self.allowed))}")
             return value
         kind = type(self.default)
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads 7e-4 (and nan) as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if type(value) is not kind:
