@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -337,6 +335,21 @@ def test_fit_picks_the_right_shape():
     assert fit(n, 3 * n + 1)["linear"]["r2"] == pytest.approx(1.0)
 
 
+def test_seed_statistics_are_student_t_intervals_and_the_helpers_agree():
+    from transformer_ln.diagnostics.stats import columns_ci95, keys_ci95, mean_ci95, mean_ci95_along
+
+    m, lo, hi = mean_ci95([1.0, 3.0])  # 2 seeds: t(1 df) = 12.706, sd = sqrt(2), half = 12.706 * sqrt(2) / sqrt(2)
+    assert (m, lo, hi) == pytest.approx((2.0, 2.0 - 12.706, 2.0 + 12.706))
+    assert mean_ci95([5.0]) == (5.0, 5.0, 5.0)  # one seed: no interval
+    per_seed = [[1.0, 2.0, 4.0], [2.0, 2.5, 7.0], [1.5, 3.0, 6.0]]
+    means, ci95 = columns_ci95(per_seed)
+    assert [[m, *c] for m, c in zip(means, ci95)] == [list(mean_ci95(col)) for col in zip(*per_seed)]
+    assert np.array_equal(mean_ci95_along(np.array(per_seed))[:, 2], np.array(mean_ci95([4.0, 7.0, 6.0])))
+    rows = [{"encoder": 1.0, "decoder": 4.0}, {"encoder": 3.0, "decoder": 4.0}]
+    assert keys_ci95(rows) == ({"encoder": 2.0, "decoder": 4.0},
+                               {"encoder": [lo, hi], "decoder": [4.0, 4.0]})
+
+
 def test_output_change_grows_linearly_for_post_ln_and_logarithmically_otherwise():
     """1 to 50 encoder layers at d_model 512 (encoder only, 4 short sentences, one model per depth)."""
     sweep = depth_sweep(SCHEMES, depths=(1, 2, 6, 16, 50), d_model=512, progress=False)
@@ -395,20 +408,28 @@ def test_cli_curves(tmp_path):
     assert _png_ok(tmp_path / "out" / "curves.png")
 
 
-def test_cli_run_directory_uses_load_model(tmp_path, monkeypatch):
-    calls = []
+def test_cli_run_directory_analyses_its_best_checkpoint(tmp_path):
+    """A real tiny run (2 updates of an Admin model on the built-in corpus): ``--run`` analyses checkpoints/best,
+    checks the batch against that model's max_positions, and labels the result with the run and the checkpoint."""
+    from conftest import tiny_run_config
+    from transformer_ln.runs.checkpoint import load_model
+    from transformer_ln.train import Trainer
 
-    def load_model(run_dir, which="best"):
-        calls.append((run_dir, which))
-        return hand_model("admin").float(), None
-    monkeypatch.setitem(sys.modules, "transformer_ln.runs.checkpoint", types.SimpleNamespace(load_model=load_model))
-    (tmp_path / "run").mkdir()
-    with pytest.raises(UserError, match="max_positions"):
-        analyze(["dependency", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
-    assert analyze(["dependency", "--run", str(tmp_path / "run"), "--seq-len", "8", "--out", str(tmp_path / "o")]) == 0
-    assert calls and calls[0][1] == "best"
+    run = tmp_path / "run"
+    cfg = tiny_run_config(run, "model.residual=admin", "model.max_positions=16", "train.max_updates=2",
+                          "data.synthetic_size=200", "data.vocab_size=100")
+    summary = Trainer(cfg, cpu=True, quiet=True).run()
+    assert summary["status"] == "completed"
+    with pytest.raises(UserError, match="max_positions"):  # --seq-len 20 (the default) does not fit 16 positions
+        analyze(["dependency", "--run", str(run), "--out", str(tmp_path / "o")])
+    assert analyze(["dependency", "--run", str(run), "--seq-len", "8", "--out", str(tmp_path / "o")]) == 0
     data = json.loads((tmp_path / "o" / "dependency.json").read_text())
     assert data["checkpoint"] == "run:best" and list(data["results"]) == ["admin"]
+    model, _ = load_model(run, which="best")  # the numbers are those of the best checkpoint's weights
+    batch = random_batch(min(model.cfg.src_vocab_size, model.cfg.tgt_vocab_size), 4, 8, model.cfg.pad_id, 0)
+    betas = residual_dependency(model, batch["src"], batch["tgt_in"])
+    for stack, beta in betas.items():
+        np.testing.assert_allclose(data["results"]["admin"][stack]["beta"], np.asarray(beta), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("argv, match", [
