@@ -13,8 +13,8 @@ def batch(seed=0, B=3, S=7, T=6, V=50):
     return torch.randint(4, V, (B, S), generator=g), torch.randint(4, V, (B, T), generator=g)
 
 
-def test_logits_shape_and_parameter_names(scheme):
-    model = tiny_model(scheme)
+def test_logits_shape_and_parameter_names(any_scheme):
+    model = tiny_model(any_scheme)
     src, tgt = batch()
     assert model(src, tgt).shape == (3, 6, 50)
     names = [n for n, _ in model.named_parameters()]
@@ -31,16 +31,16 @@ def test_admin_with_unit_omega_equals_post_ln_exactly():
     assert torch.equal(post.eval()(src, tgt), admin.eval()(src, tgt))
 
 
-def test_a_final_norm_per_stack_exactly_where_the_scheme_declares_one(scheme):
-    model = tiny_model(scheme)
+def test_a_final_norm_per_stack_exactly_where_the_scheme_declares_one(any_scheme):
+    model = tiny_model(any_scheme)
     for stack in (model.encoder, model.decoder):
-        assert isinstance(stack.final_norm, nn.LayerNorm) == SCHEMES[scheme].final_norm
+        assert isinstance(stack.final_norm, nn.LayerNorm) == SCHEMES[any_scheme].final_norm
     assert SCHEMES["pre_ln"].final_norm and not SCHEMES["post_ln"].final_norm and not SCHEMES["admin"].final_norm
 
 
 @torch.no_grad()
-def test_causality(scheme):
-    model = tiny_model(scheme).eval()
+def test_causality(any_scheme):
+    model = tiny_model(any_scheme).eval()
     src, tgt = batch()
     base = model(src, tgt)
     for t in range(1, tgt.shape[1]):
@@ -52,16 +52,16 @@ def test_causality(scheme):
 
 
 @torch.no_grad()
-def test_appending_source_padding_leaves_logits_unchanged(scheme):
-    model = tiny_model(scheme).eval()
+def test_appending_source_padding_leaves_logits_unchanged(any_scheme):
+    model = tiny_model(any_scheme).eval()
     src, tgt = batch()
     padded = torch.cat([src, torch.zeros(3, 5, dtype=torch.long)], dim=1)
     torch.testing.assert_close(model(padded, tgt), model(src, tgt), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
-def test_layer_norm_is_batch_independent_and_mode_independent(scheme):
-    model = tiny_model(scheme)  # dropout 0
+def test_layer_norm_is_batch_independent_and_mode_independent(any_scheme):
+    model = tiny_model(any_scheme)  # dropout 0
     src, tgt = batch(B=4)
     model.eval()
     full = model(src, tgt)
@@ -72,8 +72,8 @@ def test_layer_norm_is_batch_independent_and_mode_independent(scheme):
 
 
 @torch.no_grad()
-def test_incremental_decoding_with_cache_matches_full_forward(scheme):
-    model = tiny_model(scheme).eval()
+def test_incremental_decoding_with_cache_matches_full_forward(any_scheme):
+    model = tiny_model(any_scheme).eval()
     src, tgt = batch()
     src[1, 5:] = 0  # some source padding
     full = model(src, tgt)

@@ -29,8 +29,8 @@ def _src(lengths: list[int], seed: int = 0) -> torch.Tensor:
     return src
 
 
-def test_cached_beam_equals_uncached_beam(scheme):
-    model = _model(scheme, seed=2)
+def test_cached_beam_equals_uncached_beam(any_scheme):
+    model = _model(any_scheme, seed=2)
     src = _src([7, 4, 9, 5, 6, 8], seed=2)
     for beam, lenpen in ((4, 1.0), (3, 0.6)):
         cached = beam_search(model, src, beam=beam, lenpen=lenpen, max_len_a=0.5, max_len_b=4)
@@ -62,9 +62,9 @@ def test_output_respects_length_limits_and_bans():
     assert all(len(h) == 1 for h in beam_search(model, src, beam=2, max_len_a=0.0, max_len_b=1))
 
 
-def test_batch_independence(scheme):
+def test_batch_independence(any_scheme):
     """A sentence alone translates as it does next to a longer one (padding, lengths and early finishing)."""
-    model = _model(scheme, seed=2)
+    model = _model(any_scheme, seed=2)
     batch = _src([5, 11, 3], seed=4)
     together = beam_search(model, batch, beam=3, max_len_a=1.0, max_len_b=3)
     for i in range(3):
@@ -123,9 +123,9 @@ def test_beam_matches_a_plain_reference():
             assert out[i] == _reference_beam(model, src[i, :n], beam, lenpen, limit)
 
 
-def test_static_cache_path_equals_dynamic_cache(scheme):
+def test_static_cache_path_equals_dynamic_cache(any_scheme):
     """The fixed-shape path that CUDA graphs replay (run here without a graph) gives the same hypotheses."""
-    model = _model(scheme, seed=2)
+    model = _model(any_scheme, seed=2)
     src = _src([7, 4, 9, 5, 6, 8], seed=2)
     kw = dict(beam=3, lenpen=0.8, max_len_a=0.5, max_len_b=4)
     assert beam_search(model, src, cuda_graph=True, **kw) == beam_search(model, src, cuda_graph=False, **kw)
