@@ -43,7 +43,7 @@ def _csv(kind):
 def _common(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, dest="overrides")  # for a fresh model, e.g. model.residual=admin
     p.add_argument("--run", type=Path, help="a run directory: analyse its checkpoint instead of a fresh model")
-    p.add_argument("--which", default="best", help="which checkpoint of --run (default: best)")
+    p.add_argument("--which", default=RunDir.BEST, help="which checkpoint of --run (default: best)")
     p.add_argument("--out", type=Path, required=True, help="folder for the JSON and the figures")
     p.add_argument("--residuals", type=_csv(str), help=f"schemes for fresh models (default: all of {RESIDUALS}, "
                                                        "or the one given as model.residual=...)")

@@ -86,7 +86,7 @@ def bleu_and_chrf(hyps: list[str], refs: list[str]) -> dict:
             "chrf": round(c.score, 2), "chrf_signature": str(chrf.get_signature()), "n": len(hyps)}
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", beam: int | None = None,
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = RunDir.BEST, beam: int | None = None,
                  lenpen: float | None = None, accelerator=None, model=None, limit: int | None = None) -> dict:
     """Translate ``split`` of the run's corpus, score it, write ``eval_<split>_<checkpoint>[_limit<N>].json`` and
     the hypotheses beside it (``RunDir.eval_file``), refresh ``results.md``; returns the scores."""
@@ -135,7 +135,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training run's train.out_dir")
-    p.add_argument("--checkpoint", default="best", help="best (default), last, averaged, or update_<n>")
+    p.add_argument("--checkpoint", default=RunDir.BEST, help="best (default), last, averaged, or update_<n>")
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the run's train.beam)")
     p.add_argument("--lenpen", type=float, default=None, help="length penalty: score / len^lenpen")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")

@@ -233,7 +233,7 @@ def valid_nll_two_ways(run_dir: str | Path, max_tokens: Optional[int] = None) ->
     from ..training.losses import label_smoothed_nll_loss
 
     run_dir = Path(run_dir)
-    model, cfg = load_model(run_dir, "best")
+    model, cfg = load_model(run_dir, RunDir.BEST)
     data = prepare_data(cfg, run_dir)
     tokens = max_tokens or cfg.train.max_tokens
     out = {}

@@ -69,7 +69,7 @@ class RunDir:
     marker = property(lambda self: self.path / self.MARKER)
 
     @staticmethod
-    def eval_stem(split: str, checkpoint: str = "best", limit: Optional[int] = None, beam: Optional[int] = None,
+    def eval_stem(split: str, checkpoint: str = BEST, limit: Optional[int] = None, beam: Optional[int] = None,
                   lenpen: Optional[float] = None) -> str:
         """``test_best``, ``test_last_limit300``, ``valid_update_40_beam1``: one name per distinct evaluation, so a
         quick ``--limit`` or another checkpoint never overwrites the full score (beam/lenpen only when given)."""
@@ -81,11 +81,11 @@ class RunDir:
         parts += [f"lenpen{lenpen:g}"] if lenpen is not None else []
         return "_".join(parts)
 
-    def eval_file(self, split: str, checkpoint: str = "best", limit: Optional[int] = None, beam: Optional[int] = None,
+    def eval_file(self, split: str, checkpoint: str = BEST, limit: Optional[int] = None, beam: Optional[int] = None,
                   lenpen: Optional[float] = None) -> Path:
         return self.path / f"eval_{self.eval_stem(split, checkpoint, limit, beam, lenpen)}.json"
 
-    def hyps_file(self, split: str, checkpoint: str = "best", limit: Optional[int] = None, beam: Optional[int] = None,
+    def hyps_file(self, split: str, checkpoint: str = BEST, limit: Optional[int] = None, beam: Optional[int] = None,
                   lenpen: Optional[float] = None) -> Path:
         return self.path / f"hyps_{self.eval_stem(split, checkpoint, limit, beam, lenpen)}.txt"
 

@@ -161,8 +161,8 @@ def plot_sweep(out: Path, run_dirs: list[Path]) -> list[Path]:
     for d in finished:
         if RunDir(d).read_summary().status != "completed":
             continue
-        model, cfg = load_model(d, "best")
+        model, cfg = load_model(d, RunDir.BEST)
         batch = random_batch(cfg.model.src_vocab_size, batch_size=8, seq_len=20, pad_id=cfg.model.pad_id)
         betas = residual_dependency(model, batch["src"], batch["tgt_in"])
-        made += plot_dependency({d.name: betas}, out / f"dependency_{d.name}", checkpoint="best")
+        made += plot_dependency({d.name: betas}, out / f"dependency_{d.name}", checkpoint=RunDir.BEST)
     return made

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config.run_config import RunConfig
 from ..errors import UserError
+from ..runs.rundir import RunDir
 from .losses import label_smoothed_nll_loss
 
 
@@ -105,7 +106,7 @@ class TranslationTask(Task):
     def evaluate_at_end(self, run_dir: Path, accelerator) -> None:
         from ..evaluation.evaluate import evaluate_run
 
-        evaluate_run(run_dir, split="test", checkpoint="best", accelerator=accelerator, model=None)
+        evaluate_run(run_dir, split="test", checkpoint=RunDir.BEST, accelerator=accelerator, model=None)
 
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TranslationTask,)}
