@@ -373,10 +373,6 @@ def test_a_registered_scheme_with_an_option_trains_through_the_cli(tmp_path, mon
         options = {"shortcut_gain": SchemeOption(1.0, "the shortcut's constant gain")}
         curve_panels = (("gain", "shortcut gain", None),)
 
-        def __init__(self, norm="layernorm", shortcut_gain=1.0):
-            super().__init__(norm)
-            self.shortcut_gain = shortcut_gain
-
         def residual(self, site):
             return ScaledResidual(self.shortcut_gain)
 

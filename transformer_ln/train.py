@@ -1,9 +1,9 @@
 """``transformer-ln train`` and ``accelerate launch -m transformer_ln.train``: the command line of the trainer.
 
-The loop is ``transformer_ln.training.trainer``; one update is ``transformer_ln.training.update``; the run directory (names, lock,
-metrics, summary) is ``transformer_ln.runs.rundir``; the divergence guard is ``transformer_ln.training.divergence``. A run that
-diverges is a result: ``summary.json`` says ``"status": "diverged"`` and names the last good update and checkpoint,
-the only weights that were kept.
+The loop is ``transformer_ln.training.trainer``; one update is ``transformer_ln.training.update``; the run
+directory (names, lock, metrics, summary) is ``transformer_ln.runs.rundir``; the divergence guard is
+``transformer_ln.training.divergence``. A run that diverges is a result: ``summary.json`` says ``"status":
+"diverged"`` and names the last good update and checkpoint, the only weights that were kept.
 """
 from __future__ import annotations
 

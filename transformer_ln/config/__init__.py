@@ -7,9 +7,9 @@ and ``cli`` the ``transformer-ln config`` command. Allowed values of the model's
 in ``transformer_ln.model``; nothing here imports anything above the model.
 """
 from .run_config import (ACTIVATIONS, DEMO, NORM_NAMES, RESIDUALS, TRACKERS, DataConfig, ModelConfig, OptimConfig,
-                         RunConfig, TrainConfig, load_run_config, scheme_options)
+                         RunConfig, TrainConfig, load_run_config, scheme_option_specs)
 from .sections import CONFIG_FILE, ConfigError, Section, apply_overrides, parse_override, read_yaml_mapping
 
-__all__ = ["ACTIVATIONS", "scheme_options", "DEMO", "NORM_NAMES", "RESIDUALS", "TRACKERS", "DataConfig", "ModelConfig",
-           "OptimConfig", "RunConfig", "TrainConfig", "load_run_config", "CONFIG_FILE", "ConfigError", "Section",
-           "apply_overrides", "parse_override", "read_yaml_mapping"]
+__all__ = ["ACTIVATIONS", "scheme_option_specs", "DEMO", "NORM_NAMES", "RESIDUALS", "TRACKERS", "DataConfig",
+           "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig", "load_run_config", "CONFIG_FILE", "ConfigError",
+           "Section", "apply_overrides", "parse_override", "read_yaml_mapping"]

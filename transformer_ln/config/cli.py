@@ -1,7 +1,8 @@
 """``transformer-ln config``: every config key with its default, type, allowed values and one line of help.
 
-The help is each field's metadata in ``transformer_ln.config.run_config`` (one place); ``--write FILE`` writes a starter YAML
-(every key at its default, its help as a comment) to edit and pass to ``transformer-ln train FILE``.
+The help is each field's metadata in ``transformer_ln.config.run_config`` (one place; a scheme's options carry their
+own); ``--write FILE`` writes a starter YAML (every key at its default, its help as a comment) to edit and pass to
+``transformer-ln train FILE``.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Every section is a dataclass validated on construction (a bad value, NaN and infinity included, raises
 ``ConfigError`` naming the field, the value and what is allowed), serialises with ``to_dict``/``from_dict`` (unknown
 keys are an error) and round-trips through YAML. Choice fields are ``Literal[...]`` types, so the allowed values
-live in the annotation. Command-line overrides use dotted keys: ``model.residual=admin optim.lr=7e-4``. The generic
-machinery is in ``transformer_ln.config.sections``.
+live in the annotation; the scheme and its options are read from the model's registry when a config is built, so a
+scheme registered later is a valid choice. Command-line overrides use dotted keys: ``model.residual=admin
+optim.lr=7e-4``. The generic machinery is in ``transformer_ln.config.sections``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ..model.schemes import SCHEMES
 from .sections import ConfigError, Section, apply_overrides, choices, parse_override, read_yaml_mapping
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "RunConfig", "RESIDUALS",
-           "NORM_NAMES", "scheme_options", "ACTIVATIONS", "DEMO", "apply_overrides", "parse_override",
+           "NORM_NAMES", "scheme_option_specs", "ACTIVATIONS", "DEMO", "apply_overrides", "parse_override",
            "load_run_config"]
 
 NormName = Literal[tuple(NORMS)]  # transformer_ln.model.norms
@@ -43,7 +44,7 @@ def scheme_names() -> tuple[str, ...]:
     return tuple(SCHEMES)
 
 
-def scheme_options() -> dict:
+def scheme_option_specs() -> dict:
     """Every registered scheme's own settings (``ResidualScheme.options``), each a config key ``model.<name>``."""
     return {name: spec for cls in SCHEMES.values() for name, spec in cls.options.items()}
 
@@ -80,7 +81,7 @@ class ModelConfig(Section):
     norm: NormName = opt("layernorm", "normalization the scheme's norms use (transformer_ln.model.norms)")
     # the schemes' own settings (Admin's admin_omega...): keys model.<name> in YAML and on the command line, read
     # as attributes (cfg.admin_omega); each scheme declares them, so this file names none of them
-    scheme_options: dict = field(default_factory=dict, metadata={"expands": scheme_options})
+    scheme_options: dict = field(default_factory=dict, metadata={"expands": scheme_option_specs})
     share_embeddings: bool = opt(False, "one embedding for source, target and output (equal vocabularies)")
     max_positions: int = opt(1024, "longest sequence in tokens; longer training pairs are filtered out")
     pad_id: int = opt(0, "id of the padding token")
@@ -88,7 +89,7 @@ class ModelConfig(Section):
     def __post_init__(self) -> None:
         p = self._prefix
         self.check()
-        specs = scheme_options()
+        specs = scheme_option_specs()
         unknown = sorted(set(self.scheme_options) - set(specs))
         if unknown:
             raise ConfigError(f"unknown key(s) {', '.join(p + k for k in unknown)}; no registered scheme has them")
@@ -116,7 +117,6 @@ class ModelConfig(Section):
             raise ConfigError(f"{p}share_embeddings: needs src_vocab_size == tgt_vocab_size, got "
                               f"{self.src_vocab_size} and {self.tgt_vocab_size}")
 
-
     def __getattr__(self, name: str):
         options = self.__dict__.get("scheme_options")
         if options is not None and name in options:
@@ -135,12 +135,12 @@ class ModelConfig(Section):
 
     @classmethod
     def keys(cls) -> list[str]:
-        return [k for k in super().keys() if k != "scheme_options"] + list(scheme_options())
+        return [k for k in super().keys() if k != "scheme_options"] + list(scheme_option_specs())
 
     @classmethod
     def from_dict(cls, d: dict | None):
         d = dict(d or {})
-        specs = scheme_options()
+        specs = scheme_option_specs()
         options = {**d.pop("scheme_options", {}), **{k: d.pop(k) for k in list(d) if k in specs}}
         return super().from_dict({**d, "scheme_options": options})
 
@@ -148,7 +148,7 @@ class ModelConfig(Section):
 def _init_with_scheme_options(init):
     """``ModelConfig(admin_omega=...)``: a scheme's option given as a keyword goes into ``scheme_options``."""
     def __init__(self, *args, **kwargs):
-        specs = scheme_options()
+        specs = scheme_option_specs()
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in specs}
         if given:
             kwargs["scheme_options"] = {**(kwargs.get("scheme_options") or {}), **given}

@@ -99,12 +99,6 @@ class Admin(ResidualScheme):
                                            "closed form of admin-torch", ADMIN_OMEGAS)}
     curve_panels = (("omega_mean", "Admin omega", ("omega_min", "omega_max")),)
 
-    def __init__(self, norm: str = "layernorm", admin_omega: str = "profile"):
-        super().__init__(norm)
-        if admin_omega not in ADMIN_OMEGAS:
-            raise ValueError(f"admin_omega: got {admin_omega!r}, allowed: {', '.join(map(repr, ADMIN_OMEGAS))}")
-        self.admin_omega = admin_omega
-
     def needs_stack_size(self) -> bool:
         return self.admin_omega != "profile"  # the closed forms read n
 

@@ -157,13 +157,21 @@ class ResidualScheme:
     # None), read from the train records its ``update_stats`` fills
     curve_panels: tuple[tuple[str, str, tuple[str, str] | None], ...] = ()
 
-    def __init__(self, norm: str = DEFAULT_NORM):
+    def __init__(self, norm: str = DEFAULT_NORM, **options):
+        """``options``: values of the scheme's declared ``options`` (each checked; the rest at their defaults),
+        set as attributes of the same names."""
         if norm not in NORMS:
             raise ValueError(f"norm: got {norm!r}, allowed: {', '.join(map(repr, NORMS))}")
         if not self.has_norms and norm != DEFAULT_NORM:
             raise ValueError(f"norm: got {norm!r}, but residual scheme {self.name!r} has no normalization; "
                              f"leave norm at {DEFAULT_NORM!r} (the default, unused by this scheme)")
         self.norm = norm
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"scheme {self.name!r} has no option {', '.join(unknown)}; its options: "
+                             f"{', '.join(self.options) or 'none'}")
+        for name, spec in self.options.items():
+            setattr(self, name, spec.check(name, options.get(name, spec.default)))
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={getattr(self, k)!r}" for k in self.options)
