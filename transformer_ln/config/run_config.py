@@ -19,14 +19,24 @@ from ..model.schemes import SCHEMES
 from .sections import ConfigError, Section, apply_overrides, choices, parse_override, read_yaml_mapping
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "RunConfig", "RESIDUALS",
-           "NORM_NAMES", "scheme_option_specs", "ACTIVATIONS", "DEMO", "apply_overrides", "parse_override",
+           "NORM_NAMES", "scheme_option_specs", "ACTIVATIONS", "DEMO", "PRESETS", "ARCHS", "apply_overrides", "parse_override",
            "load_run_config"]
 
 NormName = Literal[tuple(NORMS)]  # transformer_ln.model.norms
-ActivationName = Literal["relu", "gelu"]
+ActivationName = Literal["relu", "gelu", "gelu_tanh", "swiglu"]  # transformer_ln.model.layers.FeedForward
+ArchName = Literal["encoder_decoder", "decoder_only"]
+PositionsName = Literal["sinusoidal", "learned", "rope"]  # transformer_ln.model.positions
 RESIDUALS = tuple(SCHEMES)  # the schemes registered at import (the config itself reads the registry when asked)
 NORM_NAMES = choices(NormName)
 ACTIVATIONS = choices(ActivationName)
+ARCHS = choices(ArchName)
+# Named shapes: the component settings a preset fills in; any field given next to model.preset overrides it.
+PRESETS = {
+    "gpt2": {"arch": "decoder_only", "residual": "pre_ln", "norm": "layernorm", "positions": "learned",
+             "activation": "gelu_tanh", "bias": True, "tie_embeddings": True, "scale_embeddings": False},
+    "llama": {"arch": "decoder_only", "residual": "pre_ln", "norm": "rmsnorm", "positions": "rope",
+              "activation": "swiglu", "bias": False, "tie_embeddings": False, "scale_embeddings": False},
+}
 # accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test keeps the two in step)
 TRACKERS = ("aim", "comet_ml", "mlflow", "tensorboard", "wandb", "clearml", "dvclive", "swanlab", "trackio")
 SEED_LIMIT = 2 ** 32  # numpy's and accelerate's set_seed accept 0 .. 2**32 - 1
@@ -55,7 +65,12 @@ def scheme_option_specs() -> dict:
 
 @dataclass
 class ModelConfig(Section):
-    """Shape and residual scheme of the encoder-decoder.
+    """Architecture, shape and residual scheme of the model.
+
+    ``arch`` picks the encoder-decoder (``Seq2SeqTransformer``) or the decoder-only language model (``CausalLM``;
+    its depth is ``n_dec_layers``, its vocabulary ``tgt_vocab_size``; ``n_enc_layers`` and ``src_vocab_size`` are
+    unused). ``preset`` (``gpt2``, ``llama``) fills the component settings of ``PRESETS``; any field given beside it
+    wins.
 
     ``src_vocab_size``/``tgt_vocab_size`` may stay ``None`` inside a ``RunConfig``: the trainer fills them from the
     tokenizer. ``residual`` picks the scheme (see ``transformer_ln.model.schemes``); ``norm`` the normalization its
@@ -65,6 +80,9 @@ class ModelConfig(Section):
     """
 
     _prefix = "model."
+    arch: ArchName = opt("encoder_decoder", "encoder_decoder (translation) or decoder_only (a causal language model)")
+    preset: Optional[Literal[tuple(PRESETS)]] = opt(None, "gpt2 or llama: fills arch, positions, activation, norm, "
+                                                    "bias and tying as those models have them; fields given win")
     src_vocab_size: Optional[int] = opt(None, "source vocabulary; null: taken from the trained tokenizer")
     tgt_vocab_size: Optional[int] = opt(None, "target vocabulary; null: taken from the trained tokenizer")
     d_model: int = opt(512, "width of the residual stream")
@@ -75,7 +93,14 @@ class ModelConfig(Section):
     dropout: float = opt(0.1, "dropout on each branch output and the embeddings")
     attn_dropout: float = opt(0.0, "dropout on the attention probabilities")
     act_dropout: float = opt(0.0, "dropout after the FFN activation")
-    activation: ActivationName = opt("relu", "FFN activation")
+    activation: ActivationName = opt("relu", "FFN activation: relu, gelu, gelu_tanh (GPT-2's) or swiglu (LLaMA's)")
+    positions: PositionsName = opt("sinusoidal", "token positions: sinusoidal (added), learned (added, GPT-2) or "
+                                   "rope (rotary, in self-attention: LLaMA)")
+    rope_theta: float = opt(10000.0, "base of the rotary frequencies (positions=rope)")
+    bias: bool = opt(True, "biases in the attention and FFN projections (LLaMA has none)")
+    tie_embeddings: bool = opt(True, "the output projection is the (target) input embedding")
+    scale_embeddings: bool = opt(True, "token embeddings times sqrt(d_model), as fairseq (GPT-2 and LLaMA: no)")
+    norm_eps: float = opt(1e-5, "epsilon of the norms (LLaMA checkpoints use 1e-6 or 1e-5)")
     residual: str = opt("post_ln", "residual/normalization scheme (transformer_ln.model.schemes)",
                         choices=scheme_names)
     norm: NormName = opt("layernorm", "normalization the scheme's norms use (transformer_ln.model.norms)")
@@ -98,7 +123,7 @@ class ModelConfig(Section):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.positive("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
-                      "n_dec_layers", "max_positions")
+                      "n_dec_layers", "max_positions", "rope_theta", "norm_eps")
         self.at_least("max_positions", 2, "a target needs <s> plus one token")
         self.probability("dropout", "attn_dropout", "act_dropout")
         if self.norm != "layernorm" and not SCHEMES[self.residual].has_norms:
@@ -106,6 +131,9 @@ class ModelConfig(Section):
                               f"normalization; leave {p}norm at 'layernorm' (the default, unused by this scheme)")
         if self.d_model % self.n_heads:
             raise ConfigError(f"{p}d_model: got {self.d_model}, must be divisible by {p}n_heads={self.n_heads}")
+        if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"{p}positions: 'rope' rotates pairs of a head's dimensions; d_model / n_heads = "
+                              f"{self.d_model // self.n_heads} is odd")
         if self.pad_id < 0:
             raise ConfigError(f"{p}pad_id: got {self.pad_id}, must be >= 0")
         for n in ("src_vocab_size", "tgt_vocab_size"):
@@ -146,12 +174,16 @@ class ModelConfig(Section):
 
 
 def _init_with_scheme_options(init):
-    """``ModelConfig(admin_omega=...)``: a scheme's option given as a keyword goes into ``scheme_options``."""
+    """``ModelConfig(admin_omega=...)``: a scheme's option given as a keyword goes into ``scheme_options``; a
+    ``preset`` fills the fields not given."""
     def __init__(self, *args, **kwargs):
         specs = scheme_option_specs()
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in specs}
         if given:
             kwargs["scheme_options"] = {**(kwargs.get("scheme_options") or {}), **given}
+        preset = kwargs.get("preset")
+        if preset is not None and preset in PRESETS:  # the preset's settings under the ones given
+            kwargs = {**PRESETS[preset], **kwargs}
         init(self, *args, **kwargs)
     return __init__
 
@@ -183,13 +215,24 @@ class DataConfig(Section):
     cache_dir: Optional[str] = opt(None, "prepared data cached here, keyed by the settings (default RUN/cache)")
     prepared: Optional[str] = opt(None, "a directory from `transformer-ln data prepare`: read it, redo nothing")
     num_proc: int = opt(1, "processes encoding the corpus")
+    # decoder-only language models (model.arch=decoder_only): text packed into fixed-length blocks
+    block_size: int = opt(256, "decoder-only: tokens per training block (documents packed, separated by </s>)")
+    train_text: Optional[str] = opt(None, "decoder-only: training text (.txt one document per line or one long "
+                                    "text, .gz, .jsonl/.json/.parquet, or a datasets save_to_disk directory)")
+    valid_text: Optional[str] = opt(None, "decoder-only: validation text (as train_text)")
+    test_text: Optional[str] = opt(None, "decoder-only: test text (optional; perplexity at the end)")
+    text_field: str = opt("text", "decoder-only: the field holding the text in .jsonl/.json/.parquet/datasets")
 
     def __post_init__(self) -> None:
         p = self._prefix
         self.check()
         self.positive("synthetic_size", "vocab_size", "num_proc", "tokenizer_sample")
+        self.at_least("block_size", 2, "a block is inputs plus the next token")
         self.at_least("vocab_size", 8, "4 special tokens and some text")
-        if self.source == "files" and not self.prepared:
+        if self.source == "files" and not self.prepared and self.train_text is not None:
+            if not self.valid_text:
+                raise ConfigError(f"{p}valid_text: required with {p}train_text (validation perplexity)")
+        elif self.source == "files" and not self.prepared:
             for n in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
                 if not getattr(self, n):
                     raise ConfigError(f"{p}{n}: required when {p}source='files' (a path to a text, .gz or .jsonl file)")
@@ -230,8 +273,9 @@ class TrainConfig(Section):
     """The training loop: batching, length, precision, checkpoints, divergence and evaluation."""
 
     _prefix = "train."
-    task: Literal["translation"] = opt("translation", "what is trained: translation (source -> target pairs, BLEU "
-                                       "at the end); transformer_ln.training.task")
+    task: Literal["auto", "translation", "language_model"] = opt(
+        "auto", "what is trained: translation (pairs, BLEU at the end) or language_model (text, perplexity); auto: "
+        "from model.arch; transformer_ln.training.task")
     out_dir: str = opt("runs/run", "run directory: config, tokenizer, metrics, checkpoints, evaluations")
     seed: int = opt(1, "seed of init, dropout and batch order")
     max_tokens: int = opt(4096, "tokens per batch per process, padding included")
@@ -292,6 +336,22 @@ class RunConfig(Section):
         for f in dataclasses.fields(self):
             if not isinstance(getattr(self, f.name), Section):
                 raise ConfigError(f"{f.name}: expected a section, got {getattr(self, f.name)!r}")
+        arch, task, data = self.model.arch, self.task, self.data
+        if self.train.task not in ("auto", task):
+            raise ConfigError(f"train.task: got {self.train.task!r}, but model.arch={arch!r} trains {task!r}; "
+                              f"leave train.task at 'auto'")
+        if data.source == "files" and not data.prepared:
+            if arch == "decoder_only" and data.train_text is None:
+                raise ConfigError("data.train_text: required for model.arch='decoder_only' with data.source='files' "
+                                  "(and data.valid_text)")
+            if arch == "encoder_decoder" and data.train_text is not None:
+                raise ConfigError("data.train_text: text for a language model, but model.arch='encoder_decoder'; "
+                                  "give model.arch=decoder_only, or data.train_src/train_tgt for translation")
+
+    @property
+    def task(self) -> str:
+        """The task ``train.task`` names, or the one ``model.arch`` implies (``auto``)."""
+        return "language_model" if self.model.arch == "decoder_only" else "translation"
 
 
 # The demo's settings, on top of the library defaults above: a small model on the built-in corpus, a few CPU

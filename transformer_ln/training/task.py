@@ -113,8 +113,8 @@ TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TranslationTask,)}
 
 
 def get_task(cfg: RunConfig) -> Task:
-    """The task ``cfg.train.task`` names, bound to ``cfg``."""
+    """The task ``cfg.task`` names (``train.task``, or the one ``model.arch`` implies), bound to ``cfg``."""
     try:
-        return TASKS[cfg.train.task](cfg)
+        return TASKS[cfg.task](cfg)
     except KeyError:
-        raise UserError(f"train.task: got {cfg.train.task!r}, allowed: {', '.join(map(repr, TASKS))}") from None
+        raise UserError(f"train.task: got {cfg.task!r}, allowed: {', '.join(map(repr, TASKS))}") from None
