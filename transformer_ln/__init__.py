@@ -1,6 +1,7 @@
-"""transformer_ln: encoder-decoder Transformers under every residual scheme and norm, and the analysis of why they
+"""transformer_ln: encoder-decoder and decoder-only Transformers under every residual scheme and norm, and the analysis of why they
 train (Post-LN, Pre-LN, Admin and the schemes after them; see ``transformer_ln.model.schemes``)."""
 from .model.admin import admin_init
+from .model.causal_lm import CausalLayer, CausalLM, build_model
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_run_config
 from .errors import UserError
 from .model.layers import CrossAttention, FeedForward, SelfAttention
@@ -10,7 +11,7 @@ from .model.schemes import SCHEMES, OmegaResidual, Residual, ResidualScheme, Sub
 from .recurrent.rnn import LayerNormLSTM, LayerNormRNN
 
 __all__ = [
-    "admin_init", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
+    "admin_init", "CausalLayer", "CausalLM", "build_model", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
     "load_run_config", "UserError", "CrossAttention", "FeedForward", "SelfAttention", "DecoderCache", "DecoderLayer",
     "EncoderLayer", "Seq2SeqTransformer", "init_weights", "SCHEMES", "OmegaResidual", "Residual", "ResidualScheme",
     "Sublayer",

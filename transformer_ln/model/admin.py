@@ -106,13 +106,13 @@ class Admin(ResidualScheme):
         init = 1.0 if self.admin_omega == "profile" else calculate_init(site.n_sublayers, self.admin_omega)
         return OmegaResidual(init, as_parameter=True, embed_dim=site.d_model)
 
-    def calibrate(self, model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: int = 0) -> dict | None:
+    def calibrate(self, model: nn.Module, *inputs: torch.Tensor, seed: int = 0) -> dict | None:
         """Profiled omega (``admin_init``) when the model was built with ``admin_omega='profile'``."""
         scheme, cfg = getattr(model, "scheme", None), getattr(model, "cfg", None)
         omega = getattr(scheme, "admin_omega", getattr(cfg, "admin_omega", self.admin_omega))
         if omega != "profile":  # the model's own choice, whichever instance of the scheme is asked
             return None
-        return admin_init(model, src, tgt_in, seed=seed)
+        return admin_init(model, *inputs, seed=seed)
 
     def calibration_note(self, profile: dict) -> str:
         return "Admin profile: " + ", ".join(f"{stack} omega {w[0]:.3f} .. {w[-1]:.3f}"

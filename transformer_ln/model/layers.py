@@ -1,42 +1,19 @@
-"""Branch functions shared by every residual scheme: attention, feed-forward, embeddings with positions."""
+"""Branch functions shared by every residual scheme: attention and feed-forward (positions: ``positions``)."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import Dropout, dropout  # noqa: F401 (importable from here as before)
 from .norms import apply_norm
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout`` (zero with probability p, scale the rest by 1/(1-p)), with a cheaper mask on the CPU.
-
-    Why: on the CPU ``F.dropout`` draws its mask with ``bernoulli_``, about twice the cost of ``torch.rand`` (6 vs
-    3.4 ns per element on one core), and dropout's masks were a tenth of a CPU training step. ``rand >= p`` is the
-    same Bernoulli(1 - p) mask (up to float32's 2^-24 resolution of p), from the same seeded generator. On CUDA the
-    fused ``F.dropout`` kernel is already the fast one.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
-    mask = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))  # 0 or 1/(1-p), float32
-    return x * mask.to(x.dtype)
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` computed by ``dropout`` above (same state, same distribution, cheaper on the CPU)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+from .positions import PositionalEmbedding, apply_rotary, sinusoidal_table  # noqa: F401 (as before)
 
 
 class _Attention(nn.Module):
     """Common part of self- and cross-attention: heads, SDPA, output projection."""
 
-    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0, bias: bool = True):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model: got {d_model}, must be divisible by n_heads={n_heads}")
@@ -44,7 +21,7 @@ class _Attention(nn.Module):
         self.attn_dropout = attn_dropout
         self.inner_norm = nn.Identity()  # a norm before out_proj (Sub-LN's inner_attn_ln)
         self.inner_width = d_model
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
     def in_projections(self) -> list[nn.Linear]:
         """Linears whose d x d blocks are the q, k, v maps (initialised with gain 1/sqrt(2), as fairseq)."""
@@ -93,12 +70,13 @@ class SelfAttention(_Attention):
 
     ``mask`` is a boolean key mask broadcastable to (B, H, T, S) with True where attention is allowed (the encoder's
     padding mask). ``causal=True`` hides future positions. ``cache`` (a dict) makes decoding incremental: keys and
-    values of earlier steps are kept there and the new ones appended.
+    values of earlier steps are kept there and the new ones appended. ``rope`` = (cos, sin) tables of the new
+    tokens' positions rotates q and k (``transformer_ln.model.positions``); the cache keeps rotated keys.
     """
 
-    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0):
-        super().__init__(d_model, n_heads, attn_dropout)
-        self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0, bias: bool = True):
+        super().__init__(d_model, n_heads, attn_dropout, bias)
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
 
     def in_projections(self) -> list[nn.Linear]:
         return [self.qkv_proj]
@@ -108,9 +86,11 @@ class SelfAttention(_Attention):
         return {"q": q, "k": k, "v": v, "out": self.out_proj.weight}
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
-                cache: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+                cache: dict | None = None, keep: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None and "slots" in cache:  # static cache: write at the positions, attend to those before
             pos = cache["pos"]  # (T,) positions of the new tokens
             cache["k"].index_copy_(2, pos, k.to(cache["k"].dtype))  # autocast may hand bf16 to a float cache
@@ -138,10 +118,10 @@ class CrossAttention(_Attention):
     With a ``cache`` dict the projected encoder keys and values are computed once and reused at every step.
     """
 
-    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0):
-        super().__init__(d_model, n_heads, attn_dropout)
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0, bias: bool = True):
+        super().__init__(d_model, n_heads, attn_dropout, bias)
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.kv_proj = nn.Linear(d_model, 2 * d_model, bias=bias)
 
     def in_projections(self) -> list[nn.Linear]:
         return [self.q_proj, self.kv_proj]
@@ -164,60 +144,41 @@ class CrossAttention(_Attention):
         return self._attend(q, k, v, mask, False, keep)
 
 
-class FeedForward(nn.Module):
-    """FFN(x) = fc2(inner_norm(act_dropout(act(fc1(x))))); ``inner_norm`` is Sub-LN's ffn_layernorm (else Identity)."""
+class SwiGLU(nn.Module):
+    """SwiGLU (Shazeer 2020, arXiv 2002.05202; LLaMA): [a, b] -> silu(a) * b, halving the width."""
 
-    def __init__(self, d_model: int, d_ff: int, act_dropout: float = 0.0, activation: str = "relu"):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+# activation -> (module, width factor of fc1's output): a gated unit reads two d_ff-wide halves
+ACTIVATIONS = {"relu": (nn.ReLU, 1), "gelu": (nn.GELU, 1), "gelu_tanh": (lambda: nn.GELU(approximate="tanh"), 1),
+               "swiglu": (SwiGLU, 2)}
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = fc2(inner_norm(act_dropout(act(fc1(x))))); ``inner_norm`` is Sub-LN's ffn_layernorm (else Identity).
+
+    ``activation``: relu, gelu, gelu_tanh (GPT-2's "gelu_new") or swiglu, whose fc1 packs LLaMA's gate and up
+    projections as [gate; up] (2 d_ff outputs): fc2(silu(gate x) * up x).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, act_dropout: float = 0.0, activation: str = "relu",
+                 bias: bool = True):
         super().__init__()
-        acts = {"relu": nn.ReLU, "gelu": nn.GELU}
-        if activation not in acts:
-            raise ValueError(f"activation: got {activation!r}, allowed: {', '.join(map(repr, acts))}")
-        self.fc1 = nn.Linear(d_model, d_ff)
-        self.act = acts[activation]()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: got {activation!r}, allowed: {', '.join(map(repr, ACTIVATIONS))}")
+        make_act, width = ACTIVATIONS[activation]
+        self.fc1 = nn.Linear(d_model, width * d_ff, bias=bias)
+        self.act = make_act()
         self.act_dropout = Dropout(act_dropout)
         self.inner_norm = nn.Identity()  # a norm over the d_ff hidden units before fc2 (Sub-LN's ffn_layernorm)
         self.inner_width = d_ff
-        self.fc2 = nn.Linear(d_ff, d_model)
+        self.fc2 = nn.Linear(d_ff, d_model, bias=bias)
 
     def projection_blocks(self) -> dict[str, torch.Tensor]:
         return {"fc1": self.fc1.weight, "fc2": self.fc2.weight}
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.fc2(apply_norm(self.inner_norm, self.act_dropout(self.act(self.fc1(x))), keep))
-
-
-def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
-    """fairseq's sinusoidal positions: sin in the first half of the dimensions, cos in the second."""
-    half = d_model // 2
-    step = math.log(10000.0) / max(half - 1, 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
-    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * freqs[None, :]
-    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if d_model % 2:
-        table = torch.cat([table, torch.zeros(n_positions, 1)], dim=1)
-    return table
-
-
-class PositionalEmbedding(nn.Module):
-    """x_0 = Dropout(sqrt(d) * E[tokens] + P[positions]); the token table is ``self.embed_tokens``."""
-
-    def __init__(self, embed_tokens: nn.Embedding, max_positions: int, dropout: float = 0.0):
-        super().__init__()
-        d_model = embed_tokens.embedding_dim
-        self.embed_tokens = embed_tokens
-        self.scale = math.sqrt(d_model)
-        self.max_positions = max_positions
-        self.register_buffer("positions", sinusoidal_table(max_positions, d_model), persistent=False)
-        self.dropout = Dropout(dropout)
-
-    def forward(self, tokens: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
-        """``offset``: position of the first token, or a (T,) tensor of positions (no host sync: CUDA graphs)."""
-        T = tokens.shape[1]
-        if isinstance(offset, torch.Tensor):
-            pos = self.positions.index_select(0, offset)
-        else:
-            if offset + T > self.max_positions:
-                raise ValueError(f"sequence of {offset + T} tokens is longer than model.max_positions="
-                                 f"{self.max_positions}; raise max_positions or filter long sentences")
-            pos = self.positions[offset:offset + T]
-        return self.dropout(self.embed_tokens(tokens) * self.scale + pos)

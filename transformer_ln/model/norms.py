@@ -143,13 +143,14 @@ NORMS: dict[str, type[nn.Module]] = {"layernorm": LayerNorm, "rmsnorm": RMSNorm,
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, DyT, BatchNorm)
 
 
-def make_norm(kind: str, d_model: int) -> nn.Module:
-    """The norm named ``kind`` (a key of ``NORMS``) over ``d_model`` units, at its initial values."""
+def make_norm(kind: str, d_model: int, eps: float | None = None) -> nn.Module:
+    """The norm named ``kind`` (a key of ``NORMS``) over ``d_model`` units, at its initial values; ``eps`` (None:
+    ``EPS``) where the norm has one (DyT has none)."""
     try:
         cls = NORMS[kind]
     except KeyError:
         raise ValueError(f"norm: got {kind!r}, allowed: {', '.join(map(repr, NORMS))}") from None
-    return cls(d_model)
+    return cls(d_model) if eps is None or cls is DyT else cls(d_model, eps=eps)
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -58,11 +58,14 @@ def deepnorm_constants(n_enc_layers: int, n_dec_layers: int) -> dict[str, tuple[
     """DeepNorm's ``{"encoder": (alpha, beta), "decoder": (alpha, beta)}`` for an N-layer/M-layer encoder-decoder.
 
     Wang et al. 2022, Table 1: encoder alpha = 0.81 (N^4 M)^(1/16), beta = 0.87 (N^4 M)^(-1/16); decoder
-    alpha = (3M)^(1/4), beta = (12M)^(-1/4).
+    alpha = (3M)^(1/4), beta = (12M)^(-1/4). N = 0 is a decoder-only model (Table 1's row): ``{"decoder":
+    ((2M)^(1/4), (8M)^(-1/4))}``.
     """
-    for name, v in (("n_enc_layers", n_enc_layers), ("n_dec_layers", n_dec_layers)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: got {v!r}, must be an integer >= 1")
+    for name, v, low in (("n_enc_layers", n_enc_layers, 0), ("n_dec_layers", n_dec_layers, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name}: got {v!r}, must be an integer >= {low}")
+    if n_enc_layers == 0:
+        return {"decoder": ((2 * n_dec_layers) ** 0.25, (8 * n_dec_layers) ** -0.25)}
     nm = n_enc_layers ** 4 * n_dec_layers
     return {"encoder": (0.81 * nm ** (1 / 16), 0.87 * nm ** (-1 / 16)),
             "decoder": ((3 * n_dec_layers) ** 0.25, (12 * n_dec_layers) ** -0.25)}
@@ -145,7 +148,8 @@ class SubLN(ResidualScheme):
     f' has one more norm inside: before the attention's out_proj (self-attention only, as torchscale's
     ``inner_attn_ln``, over d_model) and before fc2 (``ffn_layernorm``, over the d_ff hidden units). Init: the
     default, then the v, out_proj, fc1 and fc2 weights times gamma, encoder sqrt(ln(3M) ln(2N) / 3), decoder
-    sqrt(ln(3M)); the decoder's cross-attention keeps its default (torchscale skips ``encoder_attn``).
+    sqrt(ln(3M)); the decoder's cross-attention keeps its default (torchscale skips ``encoder_attn``). A
+    decoder-only model (no encoder): gamma = sqrt(ln(2M)) (Magneto's decoder-only form, torchscale's ``Decoder``).
     """
 
     name, label, color = "subln", "Sub-LN", "tab:brown"
@@ -160,6 +164,8 @@ class SubLN(ResidualScheme):
     @staticmethod
     def gamma(site: Site) -> float:
         n, m = site.n_enc_layers, site.n_dec_layers
+        if n == 0:  # decoder-only
+            return math.sqrt(math.log(2 * m))
         if site.stack == "encoder":
             return math.sqrt(math.log(3 * m) * math.log(2 * n) / 3)
         return math.sqrt(math.log(3 * m))
@@ -219,6 +225,10 @@ class TFixup(ResidualScheme):
     out_proj x 0.67 N^(-1/4), v x 0.67 N^(-1/4) sqrt(2) (the sqrt(2) undoes the default 1/sqrt(2) v gain); decoder
     fc1, fc2 and both out_proj x (9M)^(-1/4), both v x (9M)^(-1/4) sqrt(2); the encoder token embedding x (9N)^(-1/4)
     and the decoder's x (9M)^(-1/4) when it is a separate matrix.
+
+    Decoder-only: T-Fixup gives no form (its code has none). We use the encoder's, since a decoder-only layer is
+    an encoder layer with a causal mask (self-attention and FFN, no cross-attention): v, out, fc1, fc2 as the
+    encoder's with N = M layers, and the token embedding x (9M)^(-1/4). An extrapolation, stated as one.
     """
 
     name, label, color = "tfixup", "T-Fixup", "tab:gray"
@@ -226,6 +236,8 @@ class TFixup(ResidualScheme):
 
     @staticmethod
     def scale(site: Site) -> float:
+        if site.n_enc_layers == 0:  # decoder-only: the encoder's form (see the docstring)
+            return 0.67 * site.n_dec_layers ** -0.25
         if site.stack == "encoder":
             return 0.67 * site.n_enc_layers ** -0.25
         return (9 * site.n_dec_layers) ** -0.25
@@ -239,6 +251,9 @@ class TFixup(ResidualScheme):
                 w.mul_(s * math.sqrt(2))
 
     def init_model(self, model: nn.Module) -> None:
+        if hasattr(model, "layers") and hasattr(model, "embed"):  # a decoder-only model
+            model.embed.embed_tokens.weight.mul_((9 * len(model.layers)) ** -0.25)
+            return
         if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
             return
         enc, dec = model.encoder.embed.embed_tokens, model.decoder.embed.embed_tokens
@@ -283,14 +298,14 @@ def get_scheme(name: str, **options) -> ResidualScheme:
         cls = SCHEMES[name]
     except KeyError:
         raise ValueError(f"residual: got {name!r}, allowed: {', '.join(map(repr, SCHEMES))}") from None
-    known = {"norm"} | {o for c in SCHEMES.values() for o in c.options}
+    known = {"norm", "norm_eps"} | {o for c in SCHEMES.values() for o in c.options}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown scheme option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-    return cls(**{k: v for k, v in options.items() if k == "norm" or k in cls.options})
+    return cls(**{k: v for k, v in options.items() if k in ("norm", "norm_eps") or k in cls.options})
 
 
 def scheme_from_config(cfg) -> ResidualScheme:
     """The scheme a ``ModelConfig`` names, with its options read from the config."""
-    return get_scheme(cfg.residual, norm=getattr(cfg, "norm", "layernorm"),
+    return get_scheme(cfg.residual, norm=getattr(cfg, "norm", "layernorm"), norm_eps=getattr(cfg, "norm_eps", None),
                       **{k: getattr(cfg, k) for k in SCHEMES[cfg.residual].options})

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CrossAttention, FeedForward, PositionalEmbedding, SelfAttention, _Attention
+from .layers import CrossAttention, FeedForward, SelfAttention, _Attention
 from .norms import is_norm, uses_batch_statistics
+from .positions import PositionalEmbedding, Rotary, positions_of
 from .schemes import Residual, ResidualScheme, Site, Sublayer, get_scheme, scheme_from_config
 
 if TYPE_CHECKING:  # the model reads a ModelConfig's fields; it never imports the config package
@@ -66,25 +67,26 @@ class EncoderLayer(_Layer):
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, attn_dropout: float = 0.0,
                  act_dropout: float = 0.0, activation: str = "relu", residual: str | ResidualScheme = "post_ln",
                  n_sublayers: int | None = None, *, layer_index: int = 0, depths: tuple[int, int] | None = None,
-                 init: bool = True, **scheme_options):
+                 init: bool = True, bias: bool = True, **scheme_options):
         super().__init__()
         scheme = _scheme(residual, scheme_options)
         s_attn, s_ffn = _sites("encoder", ("self_attn", "ffn"), layer_index, d_model, n_sublayers, depths,
                                 scheme)
-        self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout), s_attn, dropout)
-        self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation), s_ffn, dropout)
+        self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout, bias), s_attn, dropout)
+        self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation, bias), s_ffn, dropout)
         self._finish(scheme, init)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         """x: (B, S, D); mask: bool (B, 1, 1, S), True for real (non-pad) source tokens.
 
-        ``keep`` (B, S) marks the real tokens for BatchNorm's statistics; by default taken from ``mask``.
+        ``keep`` (B, S) marks the real tokens for BatchNorm's statistics; by default taken from ``mask``. ``rope``:
+        rotary (cos, sin) tables of the positions (``model.positions=rope``).
         """
         if keep is None and self.batch_stats and self.training and mask is not None and mask.dim() == 4:
             keep = mask[:, 0, 0, :]
         kw = {} if keep is None else {"keep": keep}
-        return self.ffn(self.self_attn(x, mask, **kw), **kw)
+        return self.ffn(self.self_attn(x, mask, **kw, **_rope(rope)), **kw)
 
 
 class DecoderLayer(_Layer):
@@ -96,38 +98,60 @@ class DecoderLayer(_Layer):
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, attn_dropout: float = 0.0,
                  act_dropout: float = 0.0, activation: str = "relu", residual: str | ResidualScheme = "post_ln",
                  n_sublayers: int | None = None, *, layer_index: int = 0, depths: tuple[int, int] | None = None,
-                 init: bool = True, **scheme_options):
+                 init: bool = True, bias: bool = True, **scheme_options):
         super().__init__()
         scheme = _scheme(residual, scheme_options)
         s_self, s_cross, s_ffn = _sites("decoder", ("self_attn", "cross_attn", "ffn"), layer_index, d_model,
                                         n_sublayers, depths, scheme)
-        self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout), s_self, dropout)
-        self.cross_attn = scheme.build_sublayer(CrossAttention(d_model, n_heads, attn_dropout), s_cross, dropout)
-        self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation), s_ffn, dropout)
+        self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout, bias), s_self, dropout)
+        self.cross_attn = scheme.build_sublayer(CrossAttention(d_model, n_heads, attn_dropout, bias), s_cross,
+                                                dropout)
+        self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation, bias), s_ffn, dropout)
         self._finish(scheme, init)
 
     def forward(self, y: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None,
-                cache: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+                cache: dict | None = None, keep: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         """y: (B, T, D); memory: (B, S, D) final encoder output; cache: per-layer dict for incremental decoding;
-        keep: (B, T) real target tokens, for BatchNorm's statistics in training."""
+        keep: (B, T) real target tokens, for BatchNorm's statistics in training; rope: as ``EncoderLayer``."""
         kw = {} if keep is None else {"keep": keep}
-        y = self.self_attn(y, None, True, cache=None if cache is None else cache.setdefault("self", {}), **kw)
+        y = self.self_attn(y, None, True, cache=None if cache is None else cache.setdefault("self", {}), **kw,
+                           **_rope(rope))
         y = self.cross_attn(y, memory, memory_mask, cache=None if cache is None else cache.setdefault("cross", {}),
                             **kw)
         return self.ffn(y, **kw)
 
 
-def _layer_kwargs(cfg: ModelConfig, scheme: ResidualScheme) -> dict:
+def _rope(rope) -> dict:
+    return {} if rope is None else {"rope": rope}
+
+
+def _layer_kwargs(cfg: ModelConfig, scheme: ResidualScheme, depths: tuple[int, int] | None = None) -> dict:
     return dict(d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff, dropout=cfg.dropout,
                 attn_dropout=cfg.attn_dropout, act_dropout=cfg.act_dropout, activation=cfg.activation,
-                residual=scheme, depths=(cfg.n_enc_layers, cfg.n_dec_layers), init=False)
+                residual=scheme, depths=depths or (cfg.n_enc_layers, cfg.n_dec_layers), init=False, bias=cfg.bias)
 
 
-class Encoder(nn.Module):
+class _Stack(nn.Module):
+    """What every stack has: token embedding with positions (``model.positions``) and, for rope, the rotary
+    tables it hands its self-attentions."""
+
+    def _embedding(self, cfg: ModelConfig, embed_tokens: nn.Embedding) -> None:
+        self.embed = PositionalEmbedding(embed_tokens, cfg.max_positions, cfg.dropout, cfg.positions,
+                                         cfg.scale_embeddings)
+        self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_theta) if cfg.positions == "rope" else None
+
+    def rope(self, offset: int | torch.Tensor, length: int, x: torch.Tensor):
+        """(cos, sin) for ``length`` tokens from ``offset``, or None without rotary positions."""
+        if self.rotary is None:
+            return None
+        return self.rotary(positions_of(offset, length, x.device), x.dtype)
+
+
+class Encoder(_Stack):
     def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding, scheme: ResidualScheme):
         super().__init__()
         self.scheme = scheme
-        self.embed = PositionalEmbedding(embed_tokens, cfg.max_positions, cfg.dropout)
+        self._embedding(cfg, embed_tokens)
         kw = _layer_kwargs(cfg, scheme)
         self.layers = nn.ModuleList(EncoderLayer(**kw, layer_index=i) for i in range(cfg.n_enc_layers))
         self.final_norm = scheme.stack_norm(cfg.d_model)
@@ -135,9 +159,11 @@ class Encoder(nn.Module):
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         keep = mask[:, 0, 0, :] if self.batch_stats and self.training and mask is not None else None
-        x = self.scheme.begin(self.embed(src))
+        x0 = self.embed(src)
+        rope = self.rope(0, src.shape[1], x0)
+        x = self.scheme.begin(x0)
         for layer in self.layers:
-            x = layer(x, mask, keep)
+            x = layer(x, mask, keep, rope)
         return self.scheme.end(x, self.final_norm, keep)
 
 
@@ -195,11 +221,11 @@ class StaticDecoderCache(DecoderCache):
         return self.pos
 
 
-class Decoder(nn.Module):
+class Decoder(_Stack):
     def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding, scheme: ResidualScheme):
         super().__init__()
         self.scheme, self.pad_id = scheme, cfg.pad_id
-        self.embed = PositionalEmbedding(embed_tokens, cfg.max_positions, cfg.dropout)
+        self._embedding(cfg, embed_tokens)
         kw = _layer_kwargs(cfg, scheme)
         self.layers = nn.ModuleList(DecoderLayer(**kw, layer_index=i) for i in range(cfg.n_dec_layers))
         self.final_norm = scheme.stack_norm(cfg.d_model)
@@ -209,9 +235,11 @@ class Decoder(nn.Module):
                 cache: DecoderCache | None = None) -> torch.Tensor:
         offset = 0 if cache is None else cache.offset()
         keep = tgt_in.ne(self.pad_id) if self.batch_stats and self.training else None
-        y = self.scheme.begin(self.embed(tgt_in, offset))
+        y0 = self.embed(tgt_in, offset)
+        rope = self.rope(offset, tgt_in.shape[1], y0)
+        y = self.scheme.begin(y0)
         for i, layer in enumerate(self.layers):
-            y = layer(y, memory, memory_mask, None if cache is None else cache.layers[i], keep)
+            y = layer(y, memory, memory_mask, None if cache is None else cache.layers[i], keep, rope)
         if cache is not None:
             cache.length += tgt_in.shape[1]
         return self.scheme.end(y, self.final_norm, keep)
@@ -220,8 +248,8 @@ class Decoder(nn.Module):
 class Seq2SeqTransformer(nn.Module):
     """The encoder-decoder. ``model(src, tgt_in)`` -> logits (B, T, tgt_vocab_size).
 
-    The output projection is tied to the target embedding; with ``share_embeddings`` the source embedding is the
-    same matrix too. Tokens equal to ``pad_id`` in ``src`` are masked as keys; the decoder's self-attention is causal
+    The output projection is the target embedding (``tie_embeddings``, the default) or a matrix of its own
+    (``output_proj``); with ``share_embeddings`` the source embedding is the target's too. Tokens equal to ``pad_id`` in ``src`` are masked as keys; the decoder's self-attention is causal
     (targets are right-padded, so a real token never sees a pad).
     """
 
@@ -237,7 +265,14 @@ class Seq2SeqTransformer(nn.Module):
                                                                         padding_idx=cfg.pad_id)
         self.encoder = Encoder(cfg, src_embed, self.scheme)
         self.decoder = Decoder(cfg, tgt_embed, self.scheme)
+        if not cfg.tie_embeddings:
+            self.output_proj = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
         init_weights(self)
+
+    def output_weight(self) -> torch.Tensor:
+        """The (V, D) matrix that turns the last hidden states into logits."""
+        proj = getattr(self, "output_proj", None)
+        return self.decoder.embed.embed_tokens.weight if proj is None else proj.weight
 
     def key_mask(self, src: torch.Tensor) -> torch.Tensor:
         """(B, S) tokens -> bool (B, 1, 1, S), True where the key is a real token."""
@@ -257,7 +292,7 @@ class Seq2SeqTransformer(nn.Module):
         y = self.decoder(tgt_in, memory, self.key_mask(src), cache)
         if last_only:
             y = y[:, -1:]
-        return F.linear(y, self.decoder.embed.embed_tokens.weight)
+        return F.linear(y, self.output_weight())
 
     def new_cache(self) -> DecoderCache:
         return DecoderCache(len(self.decoder.layers))

@@ -157,15 +157,15 @@ class ResidualScheme:
     # None), read from the train records its ``update_stats`` fills
     curve_panels: tuple[tuple[str, str, tuple[str, str] | None], ...] = ()
 
-    def __init__(self, norm: str = DEFAULT_NORM, **options):
+    def __init__(self, norm: str = DEFAULT_NORM, norm_eps: float | None = None, **options):
         """``options``: values of the scheme's declared ``options`` (each checked; the rest at their defaults),
-        set as attributes of the same names."""
+        set as attributes of the same names. ``norm_eps``: the norms' epsilon (None: the norm's default)."""
         if norm not in NORMS:
             raise ValueError(f"norm: got {norm!r}, allowed: {', '.join(map(repr, NORMS))}")
         if not self.has_norms and norm != DEFAULT_NORM:
             raise ValueError(f"norm: got {norm!r}, but residual scheme {self.name!r} has no normalization; "
                              f"leave norm at {DEFAULT_NORM!r} (the default, unused by this scheme)")
-        self.norm = norm
+        self.norm, self.norm_eps = norm, norm_eps
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             raise ValueError(f"scheme {self.name!r} has no option {', '.join(unknown)}; its options: "
@@ -179,7 +179,7 @@ class ResidualScheme:
 
     # ---- build time
     def make_norm(self, d_model: int) -> nn.Module:
-        return make_norm(self.norm, d_model)
+        return make_norm(self.norm, d_model, self.norm_eps)
 
     def _slot(self, enabled: bool, d_model: int) -> nn.Module | None:
         return self.make_norm(d_model) if enabled and self.has_norms else None
@@ -217,11 +217,13 @@ class ResidualScheme:
         """Called by ``init_weights`` on every sub-layer after the default initialisation."""
 
     def init_model(self, model: nn.Module) -> None:
-        """Called by ``init_weights`` on a whole ``Seq2SeqTransformer`` after the sub-layers (embeddings)."""
+        """Called by ``init_weights`` on a whole model (``Seq2SeqTransformer``, ``CausalLM``) after the sub-layers
+        (embeddings)."""
 
-    def calibrate(self, model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, seed: int = 0) -> dict | None:
-        """Data-dependent initialisation on one batch before the first update; None if the scheme has none.
-        Returns what it measured (the trainer keeps it as the run's ``profile.json``)."""
+    def calibrate(self, model: nn.Module, *inputs: torch.Tensor, seed: int = 0) -> dict | None:
+        """Data-dependent initialisation on one batch before the first update (``model(*inputs)``: src and tgt_in
+        for the encoder-decoder, ids for a causal LM); None if the scheme has none. Returns what it measured (the
+        trainer keeps it as the run's ``profile.json``)."""
         return None
 
     def calibration_note(self, profile: dict) -> str:
