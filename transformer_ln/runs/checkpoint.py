@@ -174,11 +174,11 @@ def load_weights(model: torch.nn.Module, ckpt: Path,
 
 def load_model(run_dir: str | Path, which: str = RunDir.BEST, device: str | torch.device = "cpu"):
     """Rebuild a trained model from its run directory: ``(model in eval mode, RunConfig)``."""
-    from ..model.seq2seq import Seq2SeqTransformer
+    from ..model.causal_lm import build_model
 
     ckpt = resolve(run_dir, which)
     cfg = load_run_config_from(ckpt)
-    model = Seq2SeqTransformer(cfg.model)  # the translation task's model (``training.task`` builds the same)
+    model = build_model(cfg.model)  # the model of the run's task (``training.task`` builds the same)
     load_weights(model, ckpt)
     return model.to(device).eval(), cfg
 

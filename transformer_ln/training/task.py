@@ -3,8 +3,9 @@
 A ``Task`` prepares the data (and completes the config with what the data decides, such as the vocabulary), builds
 the model from ``cfg.model``, turns a batch into the summed loss the update divides by the global token count, says
 what the model is fed (for a scheme's calibration), and runs the end-of-run evaluation. The trainer, checkpoints,
-resume, divergence guard, FSDP and trackers call these and never ask which task runs. ``train.task`` picks one from
-``TASKS``; ``translation`` (source -> target pairs, label-smoothed cross-entropy, BLEU at the end) is the one today.
+resume, divergence guard, FSDP and trackers call these and never ask which task runs. ``cfg.task`` picks one from
+``TASKS``: ``translation`` (source -> target pairs into the encoder-decoder, BLEU at the end) or ``language_model``
+(text packed into blocks for the decoder-only model, perplexity at the end), which ``model.arch`` implies.
 """
 from __future__ import annotations
 
@@ -109,7 +110,56 @@ class TranslationTask(Task):
         evaluate_run(run_dir, split="test", checkpoint=RunDir.BEST, accelerator=accelerator, model=None)
 
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TranslationTask,)}
+class LanguageModelTask(Task):
+    """Text packed into fixed-length blocks (``data.block_size``) for a decoder-only ``CausalLM``: next-token
+    cross-entropy over every position of a block (``optim.label_smoothing`` as for translation; 0 is the usual
+    choice for a language model), test perplexity with the best checkpoint at the end (``train.bleu_at_end``)."""
+
+    name = "language_model"
+
+    def prepare(self, run_dir: Path, accelerator, progress: bool = True):
+        from ..data.lm_text import prepare_lm_data
+
+        cfg = self.cfg
+        if cfg.data.block_size > cfg.model.max_positions:
+            raise UserError(f"data.block_size: got {cfg.data.block_size}, more than model.max_positions="
+                            f"{cfg.model.max_positions}; lower the block or raise max_positions")
+        data = prepare_lm_data(cfg, run_dir, accelerator, progress=progress)
+        model = {**cfg.model.to_dict(), "tgt_vocab_size": data.vocab_size}
+        self.cfg = RunConfig.from_dict({**cfg.to_dict(), "model": model, "data": data.data_config.to_dict()})
+        return data
+
+    def build_model(self, model_cfg) -> nn.Module:
+        from ..model.causal_lm import CausalLM
+
+        return CausalLM(model_cfg)
+
+    def inputs(self, batch: dict) -> tuple:
+        return (batch["input"],)
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return label_smoothed_nll_loss(model(batch["input"]), batch["target"], self.cfg.optim.label_smoothing,
+                                       self.cfg.model.pad_id)
+
+    def empty_batch(self, device) -> dict:
+        one = torch.full((1, 2), 4, dtype=torch.long, device=device)
+        return {"input": one, "target": one, "ntokens": 0}
+
+    def describe(self) -> str:
+        m = self.cfg.model
+        return f"{m.residual} LM {m.n_dec_layers}L"
+
+    def summary_fields(self) -> dict:
+        m = self.cfg.model
+        return {"residual": m.residual, "arch": m.arch, "n_dec_layers": m.n_dec_layers}
+
+    def evaluate_at_end(self, run_dir: Path, accelerator) -> None:
+        from ..evaluation.lm_eval import evaluate_lm_run
+
+        evaluate_lm_run(run_dir, split="test", checkpoint=RunDir.BEST, accelerator=accelerator)
+
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TranslationTask, LanguageModelTask)}
 
 
 def get_task(cfg: RunConfig) -> Task:
