@@ -63,6 +63,8 @@ class CausalLM(_Stack):
     trains every token's row). With a ``DecoderCache`` only the new tokens are fed (generation).
     """
 
+    _no_split_modules = ["CausalLayer"]  # FSDP units (accelerate's transformer-based wrap)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.tgt_vocab_size is None:

@@ -253,6 +253,8 @@ class Seq2SeqTransformer(nn.Module):
     (targets are right-padded, so a real token never sees a pad).
     """
 
+    _no_split_modules = ["EncoderLayer", "DecoderLayer"]  # FSDP units (accelerate's transformer-based wrap)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.src_vocab_size is None or cfg.tgt_vocab_size is None:
