@@ -5,6 +5,10 @@ batches and the padding efficiency at ``train.max_tokens``, optionally written a
 
 ``prepare --out DIR``: train the tokenizer and encode every split into DIR (memory-mapped Arrow files, written
 atomically); then ``transformer-ln train CONFIG data.prepared=DIR`` reads them instead of redoing any of it.
+
+With a ``model.arch=decoder_only`` config both work on language-model text instead (``lm_prepare``): documents,
+tokens, bytes and words per split and the blocks at ``data.block_size``; a byte-level BPE and one token stream
+per split.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from ..atomic import write_text
 from ..config.parser import Parser, add_config_arguments, config_from_arguments
 from ..config.run_config import RunConfig
 from ..errors import UserError
+from .lm_prepare import compute_lm_stats, format_lm_stats
+from .lm_store import build_lm_prepared, lm_cache_key, read_lm_manifest
 from .prepare import prepare_data
 from .store import MANIFEST, build_prepared, cache_key, read_manifest
 from .tokenizer import UNK
@@ -104,12 +110,14 @@ def main(argv: list[str]) -> int:
     import datasets
 
     datasets.disable_progress_bars()
+    lm = cfg.task == "language_model"
+    compute, fmt = (compute_lm_stats, format_lm_stats) if lm else (compute_stats, format_stats)
     if args.out:
-        stats = compute_stats(cfg, Path(args.out))
+        stats = compute(cfg, Path(args.out))
     else:
         with tempfile.TemporaryDirectory(prefix="transformer_ln_stats_") as tmp:
-            stats = compute_stats(cfg, Path(tmp))
-    print(format_stats(stats))
+            stats = compute(cfg, Path(tmp))
+    print(fmt(stats))
     if args.json:
         write_text(args.json, json.dumps(stats, indent=2) + "\n")
         print(f"\nwrote {args.json}")
@@ -127,23 +135,30 @@ def prepare_main(cfg: RunConfig, args: argparse.Namespace) -> int:
         raise UserError(f"--num-proc: got {num_proc}, must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
+    lm = cfg.task == "language_model"
+    key, read = (lm_cache_key, read_lm_manifest) if lm else (cache_key, read_manifest)
     if out.exists():
         if not out.is_dir():
             raise UserError(f"--out {out} is a file, not a directory")
         if (out / MANIFEST).is_file():
-            manifest = read_manifest(out)
-            if manifest["key"] == cache_key(cfg.data):
+            manifest = read(out)
+            if manifest["key"] == key(cfg.data):
                 print(f"{out} already holds this data (key {manifest['key']}); nothing to do")
                 return 0
             raise UserError(f"{out} holds prepared data for other settings or files (key {manifest['key']}, "
-                            f"these give {cache_key(cfg.data)}); choose another --out or delete it")
+                            f"these give {key(cfg.data)}); choose another --out or delete it")
         if any(out.iterdir()):
             raise UserError(f"--out {out} exists and is not empty (and not a prepared directory, or an "
                             f"interrupted one): delete it or choose another directory")
-    build_prepared(cfg.data, out, num_proc=num_proc, progress=True)
-    manifest = read_manifest(out)
+    if lm:
+        build_lm_prepared(cfg.data, out, progress=True)
+    else:
+        build_prepared(cfg.data, out, num_proc=num_proc, progress=True)
+    manifest = read(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    rows = ", ".join(f"{k} {v['rows']}" for k, v in manifest["splits"].items())
-    print(f"prepared {out}: {rows} pairs, vocabulary {cfg.data.vocab_size}, {size / 2**20:.1f} MiB, "
+    unit = "tokens" if lm else "rows"
+    rows = ", ".join(f"{k} {v[unit]}" for k, v in manifest["splits"].items())
+    print(f"prepared {out}: {rows} {'tokens' if lm else 'pairs'}, vocabulary {cfg.data.vocab_size}, "
+          f"{size / 2**20:.1f} MiB, "
           f"{manifest['seconds']['total']:.1f} s\nuse it with: transformer-ln train CONFIG data.prepared={out}")
     return 0
