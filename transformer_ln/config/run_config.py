@@ -300,7 +300,8 @@ class TrainConfig(Section):
     lenpen: float = opt(1.0, "length penalty: score / length^lenpen")
     max_len_a: float = opt(1.2, "longest output: a * source length + b")
     max_len_b: int = opt(10, "longest output: a * source length + b")
-    bleu_at_end: bool = opt(True, "translate the test split with the best checkpoint after training")
+    bleu_at_end: bool = opt(True, "score the test split with the best checkpoint after training (BLEU; perplexity "
+                            "for a language model)")
 
     def require_stop(self) -> None:
         """Training needs a stopping rule; checked when a run starts, so partial sections stay valid."""

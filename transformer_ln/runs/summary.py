@@ -34,6 +34,7 @@ class Summary:
     tokens: Optional[int] = None
     wall_time_s: Optional[float] = None
     residual: Optional[str] = None
+    arch: Optional[str] = None  # decoder_only for a language model (absent: the encoder-decoder)
     n_enc_layers: Optional[int] = None
     n_dec_layers: Optional[int] = None
     lr: Optional[float] = None

@@ -79,9 +79,9 @@ class RunOpening:
                 run.mark()
                 return
             doomed = run.check_fresh(overwrite)
-            from ..data.corpus import check_sources
+            from .task import get_task
 
-            check_sources(self.cfg.data)  # a mistyped data path fails here, before an old run is deleted
+            get_task(self.cfg).check_sources()  # a mistyped data path fails here, before an old run is deleted
             run.clear(doomed)
         except BaseException:
             self.lock.release()

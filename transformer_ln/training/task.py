@@ -28,6 +28,9 @@ class Task:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 
+    def check_sources(self) -> None:
+        """A cheap check that the configured data exists, before a run deletes or builds anything."""
+
     def prepare(self, run_dir: Path, accelerator, progress: bool = True):
         """The prepared data (``sampler(split, ...)``, ``batch(split, positions)``, ``splits``); ``self.cfg`` is
         completed by it (the vocabulary, the data settings a prepared directory fixes)."""
@@ -65,6 +68,11 @@ class TranslationTask(Task):
     tokens, sacreBLEU on the test split with the best checkpoint at the end (``train.bleu_at_end``)."""
 
     name = "translation"
+
+    def check_sources(self) -> None:
+        from ..data.corpus import check_sources
+
+        check_sources(self.cfg.data)
 
     def prepare(self, run_dir: Path, accelerator, progress: bool = True):
         from ..data import prepare_data
@@ -117,8 +125,13 @@ class LanguageModelTask(Task):
 
     name = "language_model"
 
+    def check_sources(self) -> None:
+        from ..data.lm_text import check_lm_sources
+
+        check_lm_sources(self.cfg.data)
+
     def prepare(self, run_dir: Path, accelerator, progress: bool = True):
-        from ..data.lm_text import prepare_lm_data
+        from ..data.lm_prepare import prepare_lm_data
 
         cfg = self.cfg
         if cfg.data.block_size > cfg.model.max_positions:
