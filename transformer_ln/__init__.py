@@ -4,6 +4,7 @@ from .model.admin import admin_init
 from .model.causal_lm import CausalLayer, CausalLM, build_model
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_run_config
 from .errors import UserError
+from .interop import from_hf, to_hf  # transformers itself is imported only when they run
 from .model.layers import CrossAttention, FeedForward, SelfAttention
 from .model.seq2seq import DecoderCache, DecoderLayer, EncoderLayer, Seq2SeqTransformer, init_weights
 from .model.norms import NORMS, make_norm
@@ -12,7 +13,7 @@ from .recurrent.rnn import LayerNormLSTM, LayerNormRNN
 
 __all__ = [
     "admin_init", "CausalLayer", "CausalLM", "build_model", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
-    "load_run_config", "UserError", "CrossAttention", "FeedForward", "SelfAttention", "DecoderCache", "DecoderLayer",
+    "load_run_config", "UserError", "from_hf", "to_hf", "CrossAttention", "FeedForward", "SelfAttention", "DecoderCache", "DecoderLayer",
     "EncoderLayer", "Seq2SeqTransformer", "init_weights", "SCHEMES", "OmegaResidual", "Residual", "ResidualScheme",
     "Sublayer",
     "calculate_init", "get_scheme", "NORMS", "make_norm", "LayerNormLSTM", "LayerNormRNN",
