@@ -16,7 +16,10 @@ from .errors import UserError
 COMMANDS = {
     "train": ("transformer_ln.train", "main", "train a model (no CONFIG: a small model on the built-in corpus)"),
     "translate": ("transformer_ln.evaluation.evaluate", "translate_main", "translate sentences with a trained run"),
-    "evaluate": ("transformer_ln.evaluation.evaluate", "evaluate_main", "sacreBLEU and chrF of a run on a split"),
+    "evaluate": ("transformer_ln.evaluation.evaluate", "evaluate_main",
+                 "sacreBLEU and chrF of a run on a split (decoder-only runs: perplexity, bits per byte)"),
+    "generate": ("transformer_ln.evaluation.generate", "generate_main",
+                 "continue a prompt with a decoder-only run (greedy, temperature, top-k, top-p)"),
     "average": ("transformer_ln.runs.checkpoint", "average_main", "average the last N checkpoints of a run"),
     "data": ("transformer_ln.data.cli", "main",
              "corpus statistics (stats); tokenize and encode once for many runs (prepare)"),
@@ -38,6 +41,9 @@ Start with:
   transformer-ln train model.residual=admin model.n_enc_layers=12 model.n_dec_layers=12
   accelerate launch -m transformer_ln.train CONFIG.yaml model.residual=pre_ln
   transformer-ln analyze dependency --out figs model.residual=post_ln
+  transformer-ln train --cpu model.preset=gpt2 train.out_dir=runs/lm   # a decoder-only LM on the same corpus
+  transformer-ln evaluate runs/lm --split test                          # perplexity, bits per byte
+  transformer-ln generate runs/lm --prompt "the old man" --top-p 0.9
 Run `transformer-ln COMMAND --help` for a command's options, `transformer-ln config` for every setting
 (section.key, default, allowed values, help) and `transformer-ln config --write my.yaml` for a starter config.
 """

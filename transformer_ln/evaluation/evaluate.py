@@ -169,12 +169,25 @@ def translate_main(argv: list[str]) -> int:
 def evaluate_main(argv: list[str]) -> int:
     p = Parser(prog="transformer-ln evaluate",
                description="Translate a split of the run's corpus and print sacreBLEU and chrF "
-                           "(with signatures); writes RUN_DIR/eval_<split>_<checkpoint>[_limit<N>].json (never over "
-                           "another evaluation's) and lists them all in RUN_DIR/results.md.")
+                           "(with signatures); a decoder-only run: perplexity, bits per byte and word perplexity "
+                           "of every block of the split (evaluation.lm_eval). Writes "
+                           "RUN_DIR/eval_<split>_<checkpoint>[_limit<N>].json (never over another evaluation's) "
+                           "and lists them all in RUN_DIR/results.md.")
     _common(p)
     p.add_argument("--split", default="test", help="test (default) or valid")
-    p.add_argument("--limit", type=int, default=None, help="only the first N sentences")
+    p.add_argument("--limit", type=int, default=None, help="only the first N sentences (decoder-only: blocks)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="decoder-only runs: tokens a batch (default: 8192 or the run's train.max_tokens, "
+                        "the larger)")
     args = p.parse_args(argv)
+    from .lm_eval import evaluate_lm_run, run_arch
+
+    lm = run_arch(args.run_dir, args.checkpoint) == "decoder_only"  # scored by perplexity, not BLEU
+    if lm and (args.beam is not None or args.lenpen is not None):
+        raise UserError(f"--beam/--lenpen: {args.run_dir} is a decoder-only run, scored by perplexity (no search)")
+    if not lm and args.max_tokens is not None:
+        raise UserError("--max-tokens: only for decoder-only runs (translation batches by --beam and the run's "
+                        "settings)")
     accelerator = None
     try:
         from accelerate import Accelerator
@@ -184,6 +197,10 @@ def evaluate_main(argv: list[str]) -> int:
             accelerator = Accelerator(cpu=args.cpu)
     except ImportError:
         pass
+    if lm:
+        evaluate_lm_run(args.run_dir, args.split, args.checkpoint, accelerator=accelerator,
+                        max_tokens=args.max_tokens, limit=args.limit)
+        return 0
     evaluate_run(args.run_dir, args.split, args.checkpoint, args.beam, args.lenpen, accelerator=accelerator,
                  limit=args.limit)
     return 0
