@@ -341,6 +341,9 @@ class RunConfig(Section):
         if self.train.task not in ("auto", task):
             raise ConfigError(f"train.task: got {self.train.task!r}, but model.arch={arch!r} trains {task!r}; "
                               f"leave train.task at 'auto'")
+        if arch == "decoder_only" and data.vocab_size < 260 and not data.prepared:
+            raise ConfigError(f"data.vocab_size: got {data.vocab_size}; a language model's byte-level BPE needs at "
+                              "least 260 (4 special tokens and the 256 bytes)")
         if data.source == "files" and not data.prepared:
             if arch == "decoder_only" and data.train_text is None:
                 raise ConfigError("data.train_text: required for model.arch='decoder_only' with data.source='files' "
