@@ -25,6 +25,11 @@ from ..config.sections import CONFIG_FILE
 from ..errors import UserError
 
 
+BLEU_HEADER = ("| file | split | checkpoint | sentences | beam | BLEU | chrF |", "|---|---|---|---|---|---|---|")
+PPL_HEADER = ("| file | split | checkpoint | tokens | perplexity | bits/byte | word perplexity |",
+              "|---|---|---|---|---|---|---|")
+
+
 class RunDir:
     """Names and policies of one run directory (``train.out_dir``)."""
 
@@ -100,15 +105,24 @@ class RunDir:
         return sorted(p for pat in ("eval_*.json",) for p in self.path.glob(pat) if p.is_file())
 
     def write_results(self) -> Path:
-        """``results.md``: every evaluation of this run, one row each (rewritten from the eval files)."""
-        rows = ["| file | split | checkpoint | sentences | beam | BLEU | chrF |", "|---|---|---|---|---|---|---|"]
+        """``results.md``: every evaluation of this run, one row each (rewritten from the eval files): BLEU and chrF
+        of a translation run, perplexity and bits per byte of a language model."""
+        rows = []
         for p in self.eval_files():
             try:
                 d = json.loads(p.read_text())
             except (OSError, ValueError):
                 continue
+            if "ppl" in d:  # a language model's evaluation (transformer_ln.evaluation.lm_eval)
+                rows = rows or list(PPL_HEADER)
+                rows.append(f"| {p.name} | {d.get('split', '?')} | {d.get('checkpoint', '?')} | "
+                            f"{d.get('tokens', '?')} | {d['ppl']:.3f} | {d.get('bits_per_byte', float('nan')):.4f} | "
+                            f"{d.get('word_ppl', float('nan')):.4g} |")
+                continue
+            rows = rows or list(BLEU_HEADER)
             rows.append(f"| {p.name} | {d.get('split', '?')} | {d.get('checkpoint', '?')} | {d.get('n', '?')} | "
                         f"{d.get('beam', '?')} | {d.get('bleu', '?')} | {d.get('chrf', '?')} |")
+        rows = rows or list(BLEU_HEADER)
         write_text(self.path / self.RESULTS, f"# Evaluations of {self.path.name}\n\n" + "\n".join(rows) + "\n")
         return self.path / self.RESULTS
 
