@@ -49,7 +49,7 @@ def split_config_arguments(items: list[str]) -> tuple[str | None, list[str]]:
 DEFAULT, DEMO_ORIGIN, OVERRIDE = "default", "demo", "override"
 
 # the settings that decide what a run is, printed before training with where each value came from
-KEY_SETTINGS = ("data.source", "data.vocab_size", "model.residual", "model.d_model", "model.n_enc_layers",
+KEY_SETTINGS = ("data.source", "data.vocab_size", "model.arch", "model.residual", "model.norm", "model.d_model", "model.n_enc_layers",
                 "model.n_dec_layers", "model.max_positions", "optim.lr", "optim.warmup_updates", "train.max_tokens",
                 "train.update_freq", "train.max_epochs", "train.max_updates", "train.max_minutes", "train.keep_last",
                 "train.out_dir")
@@ -67,6 +67,10 @@ class Resolved:
         flat = _flatten(self.cfg.to_dict())
         width = max(map(len, keys))
         lines = [f"settings{' (the demo: small model, built-in corpus)' if self.demo else ''}:"]
+        if flat.get("model.arch") == "decoder_only":  # a language model: its depth, block and components
+            keys = tuple(k for k in keys if k != "model.n_enc_layers") + (
+                "data.block_size", "model.preset", "model.positions", "model.activation")
+            width = max(map(len, keys))
         lines += [f"  {k.ljust(width)}  {_show(flat[k]):<12}  ({self.origins.get(k, DEFAULT)})" for k in keys]
         lines.append("  (every key: `transformer-ln config`; change one with section.key=value)")
         return "\n".join(lines)
@@ -93,9 +97,10 @@ def resolve_config(items: list[str], demo: bool = False, resume_dir: str | Path 
     Layers, later ones winning: the library defaults (``RunConfig()``, the base recipe); the demo's settings
     (``config.DEMO``) only when there is no CONFIG and the data is the built-in corpus, or with ``demo=True``;
     the CONFIG file (or, with ``resume_dir``, that run's ``config.yaml``) instead of both; the dotted overrides.
-    A key that no layer sets keeps its dataclass default.
+    A key that no layer sets keeps its dataclass default. A layer that names ``model.preset`` puts the preset's
+    settings over the layers below it; its own keys (and later layers) still win.
     """
-    from .run_config import DEMO, RunConfig
+    from .run_config import DEMO, PRESETS, RunConfig
     from .sections import apply_overrides, read_yaml_mapping
 
     config, overrides = split_config_arguments(items)
@@ -118,9 +123,14 @@ def resolve_config(items: list[str], demo: bool = False, resume_dir: str | Path 
             layers.append((DEMO_ORIGIN, DEMO))
     base: dict = {}
     origins: dict = {}
-    for name, layer in layers:
-        base = _merge(base, layer)
-        origins.update({k: name for k in _flatten(layer)})
+    for name, layer in [*layers, (OVERRIDE, apply_overrides({}, overrides))]:
+        preset = (layer.get("model") or {}).get("preset")
+        if preset in PRESETS:
+            base = _merge(base, {"model": PRESETS[preset]})
+            origins.update({f"model.{k}": f"model.preset={preset}" for k in PRESETS[preset]})
+        if name != OVERRIDE:
+            base = _merge(base, layer)
+            origins.update({k: name for k in _flatten(layer)})
     for text in overrides:
         origins[text.split("=", 1)[0].strip()] = OVERRIDE
     return Resolved(RunConfig.from_dict(apply_overrides(base, overrides)), origins, demo and resume_dir is None)
