@@ -2,7 +2,10 @@
 
 A model comes either from a run directory (``--run DIR``, its best checkpoint) or is freshly initialised from the
 default config plus dotted overrides (``model.n_enc_layers=6 model.residual=admin``); Admin with profiled omega is
-profiled on the measurement batch first. Batches are random tokens with a fixed seed, so numbers are reproducible.
+profiled on the measurement batch first. Batches are random tokens with a fixed seed, so numbers are reproducible:
+(src, tgt_in) pairs for the encoder-decoder, packed blocks of ids (no padding) for a decoder-only model
+(``model.arch=decoder_only`` or ``model.preset=gpt2|llama``, or ``--run`` on a language-model run), whose one stack
+is "decoder".
 ``--seeds K`` repeats a measurement with seeds seed..seed+K-1 (model init, perturbation, dropout) and reports the
 mean and its 95% interval; ``output-change`` states its definition (``--preset ours|reference`` and the options that
 override it) in the JSON and the figure.
@@ -46,10 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which", default=RunDir.BEST, help="which checkpoint of --run (default: best)")
     p.add_argument("--out", type=Path, required=True, help="folder for the JSON and the figures")
     p.add_argument("--residuals", type=_csv(str), help=f"schemes for fresh models (default: all of {RESIDUALS}, "
-                                                       "or the one given as model.residual=...)")
+                                                       "or the one given as model.residual=... or by model.preset)")
     p.add_argument("--vocab", type=int, default=1000, help="vocabulary size of a fresh model (default 1000)")
-    p.add_argument("--batch-size", type=int, default=4, help="sentences in the random batch (default 4)")
-    p.add_argument("--seq-len", type=int, default=20, help="tokens per sentence (default 20)")
+    p.add_argument("--batch-size", type=int, default=4, help="sentences (blocks) in the random batch (default 4)")
+    p.add_argument("--seq-len", type=int, default=20, help="tokens per sentence (block) (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, batch and noise (default 0)")
 
 
@@ -71,7 +74,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+K-1 (model init, "
                        "perturbation, dropout) and report the mean and its 95%% interval (default 1)")
     if command == "output-change":
-        p.add_argument("--depths", type=_csv(int), help="encoder layer counts for a depth sweep, e.g. 1,2,4,8,16")
+        p.add_argument("--depths", type=_csv(int), help="layer counts for a depth sweep of the encoder (a "
+                       "decoder-only model: the decoder), e.g. 1,2,4,8,16")
         p.add_argument("--eps", type=float, help="perturbation size per weight (default: the reference's, 1e-4 "
                                                   "random, 1e-6 grad_sign)")
         p.add_argument("--perturbation", choices=PERTURBATIONS, default="random",
@@ -80,7 +84,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--preset", choices=tuple(PRESETS), default="ours",
                        help="ours: squared norm, stack output, eval mode, pads skipped, both stacks; reference: "
                             "Transformer-Clinic's plot_stability (l2, before the final norm, train mode, pads "
-                            "included, encoder)")
+                            "included, encoder; a decoder-only model's decoder)")
         p.add_argument("--norm", choices=DISTANCES, help="override the preset's norm")
         p.add_argument("--read", choices=READS, help="override where F is read")
         p.add_argument("--mode", help="override the preset's mode: eval or train (dropout on)")
@@ -107,8 +111,8 @@ def _fresh_config(args) -> tuple[ModelConfig, list[str]]:
                                     tgt_vocab_size=model.tgt_vocab_size or args.vocab)
     if args.residuals:
         schemes = args.residuals
-    elif any(o.startswith("model.residual=") for o in args.overrides):
-        schemes = [model.residual]
+    elif any(o.startswith(("model.residual=", "model.preset=")) for o in args.overrides):
+        schemes = [model.residual]  # the one given, or the preset's
     else:
         schemes = list(RESIDUALS)
     bad = [s for s in schemes if s not in RESIDUALS]
@@ -117,14 +121,15 @@ def _fresh_config(args) -> tuple[ModelConfig, list[str]]:
     return model, schemes
 
 
-def _batch(args, cfg: ModelConfig, device) -> dict[str, torch.Tensor]:
-    from .batch import random_batch
+def _batch(args, model, device) -> dict[str, torch.Tensor]:
+    """The random batch of the format ``model`` reads (``random_batch_for``), seeded by ``--seed``."""
+    from .batch import random_batch_for
 
-    vocab = min(cfg.src_vocab_size, cfg.tgt_vocab_size)
+    cfg = model.cfg
     if not 1 <= args.seq_len <= cfg.max_positions or args.batch_size < 1:
         raise UserError(f"--seq-len {args.seq_len} / --batch-size {args.batch_size}: need 1 <= seq-len <= "
                         f"model.max_positions={cfg.max_positions} and batch-size >= 1")
-    return random_batch(vocab, args.batch_size, args.seq_len, cfg.pad_id, args.seed, device=device)
+    return random_batch_for(model, args.batch_size, args.seq_len, args.seed, device=device)
 
 
 def _seeds(args) -> list[int]:
@@ -134,13 +139,16 @@ def _seeds(args) -> list[int]:
 
 
 def models(args, seed: int | None = None):
-    """Yield ``(label, scheme, model, batch, checkpoint)``: the run's checkpoint, or one fresh model per scheme.
+    """Yield ``(label, scheme, model, batch, checkpoint)``: the run's checkpoint, or one fresh model per scheme
+    (``build_model``: the encoder-decoder or the ``CausalLM``, as ``model.arch`` says). The batch is a random one of
+    the model's format (``batch_inputs`` reads it).
 
     ``seed`` (default ``--seed``) seeds a fresh model's init and calibration; the batch always comes from ``--seed``.
     """
     from tqdm.auto import tqdm
 
-    from ..model.seq2seq import Seq2SeqTransformer
+    from ..model.causal_lm import build_model
+    from .batch import batch_inputs
 
     seed = args.seed if seed is None else seed
     if args.run is not None:
@@ -153,16 +161,16 @@ def models(args, seed: int | None = None):
 
         model, run_cfg = load_model(args.run, which=args.which)
         device = next(model.parameters()).device
-        yield model.cfg.residual, model.cfg.residual, model, _batch(args, model.cfg, device), \
+        yield model.cfg.residual, model.cfg.residual, model, _batch(args, model, device), \
             f"{args.run.name}:{args.which}"
         return
     cfg, schemes = _fresh_config(args)
     for scheme in tqdm(schemes, desc="schemes", disable=len(schemes) < 2):
         mcfg = dataclasses.replace(cfg, residual=scheme)
-        batch = _batch(args, mcfg, "cpu")
         torch.manual_seed(seed)
-        model = Seq2SeqTransformer(mcfg)
-        model.scheme.calibrate(model, batch["src"], batch["tgt_in"], seed=seed)
+        model = build_model(mcfg)
+        batch = _batch(args, model, "cpu")  # its own generator: the model's init is not disturbed
+        model.scheme.calibrate(model, *batch_inputs(batch)[0], seed=seed)
         yield scheme, scheme, model.eval(), batch, "init"
 
 
@@ -174,6 +182,19 @@ def _definition(args) -> Definition:
         raise UserError(f"--mode: got {args.mode!r}, allowed: eval, train")
     return definition(args.preset, norm=args.norm, read=args.read, mode=args.mode, padding=args.padding,
                       masks=args.masks)
+
+
+def _stacks_of(defn: Definition, model) -> Definition:
+    """``defn`` itself if it names a stack the model has; else the same definition on the model's stacks (the
+    reference preset's encoder becomes a decoder-only model's decoder), with a note on stdout."""
+    from .hooks import sublayers
+
+    have = tuple(sublayers(model))
+    if set(defn.stacks) & set(have):
+        return defn
+    print(f"note: the definition measures the {', '.join(defn.stacks)}; this model has only the {', '.join(have)}, "
+          f"so that is measured")
+    return dataclasses.replace(defn, stacks=have)
 
 
 def _to_json(obj: Any) -> Any:
@@ -202,15 +223,16 @@ def _report(paths: list[Path]) -> None:
 
 
 def cmd_dependency(args) -> list[Path]:
-    from .plotting import plot_dependency
+    from .batch import batch_inputs
     from .dependency import residual_dependency
+    from .plotting import plot_dependency
     from .stats import mean_ci95, mean_ci95_along
 
     runs: dict[str, list] = {}
     checkpoint = "init"
     for seed in _seeds(args):
         for label, _, model, batch, checkpoint in models(args, seed):
-            runs.setdefault(label, []).append(residual_dependency(model, batch["src"], batch["tgt_in"]))
+            runs.setdefault(label, []).append(residual_dependency(model, *batch_inputs(batch)[0]))
     betas, results = {}, {}
     for label, per_seed in runs.items():
         betas[label], results[label] = {}, {}
@@ -228,8 +250,9 @@ def cmd_dependency(args) -> list[Path]:
 
 
 def cmd_output_change(args) -> list[Path]:
-    from .plotting import plot_output_change, plot_output_change_bars
+    from .batch import batch_inputs
     from .output_change import output_change
+    from .plotting import plot_output_change, plot_output_change_bars
     from .stats import keys_ci95
 
     defn = _definition(args)
@@ -237,7 +260,7 @@ def cmd_output_change(args) -> list[Path]:
         args.eps = DEFAULT_EPS[args.perturbation]
     if args.depths:
         if args.run is not None:
-            raise UserError("--depths sweeps freshly initialised encoders; it cannot be combined with --run")
+            raise UserError("--depths sweeps freshly initialised models; it cannot be combined with --run")
         from .depth_sweep import depth_sweep
 
         cfg, schemes = _fresh_config(args)
@@ -253,9 +276,11 @@ def cmd_output_change(args) -> list[Path]:
     checkpoint = "init"
     for seed in _seeds(args):
         for label, _, model, batch, checkpoint in models(args, seed):
+            defn = _stacks_of(defn, model)
+            inputs, target = batch_inputs(batch)
             per_seed.setdefault(label, []).append(
-                output_change(model, batch["src"], batch["tgt_in"], eps=args.eps, perturbation=args.perturbation,
-                              n_samples=args.samples, seed=seed, tgt_out=batch["tgt_out"], preset=defn))
+                output_change(model, *inputs, eps=args.eps, perturbation=args.perturbation,
+                              n_samples=args.samples, seed=seed, tgt_out=target, preset=defn))
     changes, ci95 = {}, {}
     for label, rows in per_seed.items():
         changes[label], ci95[label] = keys_ci95(rows)
@@ -268,12 +293,14 @@ def cmd_output_change(args) -> list[Path]:
 
 
 def cmd_gradients(args) -> list[Path]:
-    from .plotting import plot_grad_norms
+    from .batch import batch_inputs
     from .grad_norms import gradient_norms
+    from .plotting import plot_grad_norms
 
     norms, checkpoint = {}, "init"
     for label, _, model, batch, checkpoint in models(args):
-        norms[label] = gradient_norms(model, batch["src"], batch["tgt_in"], batch["tgt_out"])
+        inputs, target = batch_inputs(batch)
+        norms[label] = gradient_norms(model, *inputs, tgt_out=target)
     print(grad_norms_table(norms))
     return [write_json({"checkpoint": checkpoint, "results": norms}, args.out / "grad_norms.json"),
             *plot_grad_norms(norms, args.out / "grad_norms", checkpoint)]

@@ -7,7 +7,8 @@ For each sub-layer i (names such as ``encoder.layers.3.ffn``) we report
     param_grad_norm  = sqrt(sum_p |dL/dp|_F^2)  over the sub-layer's own parameters (branch, norms, omega)
 
 and each divided by its largest value in the whole network (``*_rel``), the paper's relative gradient norm. L is the
-mean token cross-entropy over non-pad targets. The gradients come from ``torch.autograd.grad`` on the sub-layer
+mean token cross-entropy over non-pad targets (a decoder-only model: next-token, logits[:, :-1] against ids[:, 1:],
+unless targets are given). The gradients come from ``torch.autograd.grad`` on the sub-layer
 outputs captured by forward hooks, so the model's ``.grad`` fields are never touched.
 """
 from __future__ import annotations
@@ -21,27 +22,32 @@ import torch
 from torch import nn
 
 from ..model.sublayer import stream_tensors
-from .hooks import STACKS, registered_hooks, sublayers
+from .batch import batch_inputs
+from .hooks import registered_hooks, sublayers
 from .hooks import mode as train_mode
 from .output_change import token_loss
 
 NORM_KEYS = ("output_grad_norm", "param_grad_norm")
 
 
-def gradient_norms(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
-                   training: bool = False) -> dict[str, dict[str, Any]]:
+def gradient_norms(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor | None = None,
+                   tgt_out: torch.Tensor | None = None, training: bool = False) -> dict[str, dict[str, Any]]:
     """``{name: {"stack", "index", "output_grad_norm", "param_grad_norm", "output_grad_rel", "param_grad_rel"}}``.
 
     Entries follow forward order (encoder then decoder); ``index`` is the paper's 1-based i within the stack.
 
     Args:
-        model: an unwrapped ``Seq2SeqTransformer``; its ``.grad`` fields and train/eval flags are left as they were.
-        src, tgt_in, tgt_out: int64 (B, S), (B, T), (B, T); pads in ``tgt_out`` are ignored by the loss.
+        model: an unwrapped ``Seq2SeqTransformer`` or ``CausalLM``; its ``.grad`` fields and train/eval flags are
+            left as they were.
+        src, tgt_in, tgt_out: int64 (B, S), (B, T), (B, T); pads in ``tgt_out`` are ignored by the loss, which
+            defaults to next-token targets (``tgt_in`` shifted left). ``tgt_in=None``: ``src`` is the ids of a
+            decoder-only model, called as ``model(ids)``; ``tgt_out`` then defaults to ids[:, 1:] for
+            logits[:, :-1] (or give the batch's ``target``, aligned with the logits).
         training: measure with dropout on (the reference measured during its first training step); default off,
             so the numbers are deterministic.
     """
     stacks = sublayers(model)
-    named = [(stack, i + 1, name, sub) for stack in STACKS for i, (name, sub) in enumerate(stacks[stack])]
+    named = [(stack, i + 1, name, sub) for stack, subs in stacks.items() for i, (name, sub) in enumerate(subs)]
     outputs: dict[str, list[torch.Tensor]] = {}
 
     def capture(name: str):
@@ -78,8 +84,9 @@ class GradNormCallback:
     """Trainer callback: every ``every`` updates, log ``gradient_norms`` on the current batch.
 
     The trainer calls ``on_update_end(ctx)`` after each optimizer update; ``ctx`` has ``update``, ``model``
-    (unwrapped), ``batch`` (``src``/``tgt_in``/``tgt_out`` on the model's device) and ``log`` (appends one dict as a
-    JSON line to the run's metrics.jsonl). With ``path`` the record goes to that JSON-lines file instead.
+    (unwrapped), ``batch`` (on the model's device: ``src``/``tgt_in``/``tgt_out`` for translation, ``input``/
+    ``target`` for a language model; ``batch_inputs`` reads either) and ``log`` (appends one dict as a JSON line to
+    the run's metrics.jsonl). With ``path`` the record goes to that JSON-lines file instead.
     Record: ``{"kind": "grad_norms", "update": u, "sublayers": {name: {...}}}``.
     """
 
@@ -92,9 +99,9 @@ class GradNormCallback:
     def on_update_end(self, ctx: Any) -> None:
         if ctx.update % self.every:
             return
-        b = ctx.batch
+        inputs, target = batch_inputs(ctx.batch)
         record = {"kind": "grad_norms", "update": int(ctx.update),
-                  "sublayers": gradient_norms(ctx.model, b["src"], b["tgt_in"], b["tgt_out"])}
+                  "sublayers": gradient_norms(ctx.model, *inputs, tgt_out=target)}
         if self.path is None:
             ctx.log(record)
         else:

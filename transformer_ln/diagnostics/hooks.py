@@ -54,25 +54,46 @@ def mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def sublayers(model: nn.Module) -> dict[str, list[tuple[str, Sublayer]]]:
-    """``{"encoder": [(name, Sublayer), ...], "decoder": [...]}`` in forward (= registration) order.
+def stack_of(name: str, module: Sublayer) -> str:
+    """The stack a sub-layer belongs to: its ``site.stack`` when it has a site, else its path's first component."""
+    site = getattr(module, "site", None)
+    stack = site.stack if site is not None else name.split(".")[0]
+    if stack not in STACKS:
+        raise ValueError(f"sub-layer {name!r} is outside encoder/decoder; pass the unwrapped model "
+                         "(accelerator.unwrap_model(model))")
+    return stack
 
-    Names are module paths such as ``encoder.layers.3.ffn``; the paper's index i is the 1-based position in its list.
+
+def sublayers(model: nn.Module) -> dict[str, list[tuple[str, Sublayer]]]:
+    """``{"encoder": [(name, Sublayer), ...], "decoder": [...]}`` in forward (= registration) order, holding only the
+    stacks the model has (``{"decoder": ...}`` for a decoder-only ``CausalLM``), in ``STACKS`` order.
+
+    Names are module paths such as ``encoder.layers.3.ffn`` or ``layers.3.ffn``; the paper's index i is the
+    1-based position in its list. A sub-layer's stack is its ``site.stack`` (its path's first component if it has
+    no site).
     """
     out: dict[str, list[tuple[str, Sublayer]]] = {s: [] for s in STACKS}
     for name, module in model.named_modules():
         if isinstance(module, Sublayer):
-            stack = name.split(".")[0]
-            if stack not in out:
-                raise ValueError(f"sub-layer {name!r} is outside encoder/decoder; pass the unwrapped "
-                                 "Seq2SeqTransformer (accelerator.unwrap_model(model))")
-            out[stack].append((name, module))
-    if not out["encoder"] and not out["decoder"]:
+            out[stack_of(name, module)].append((name, module))
+    if not any(out.values()):
         raise ValueError("no transformer_ln Sublayer found in the model")
-    return out
+    return {s: subs for s, subs in out.items() if subs}
 
 
-def pad_masks(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Bool (B, T) masks, True at real tokens, for each stack's positions."""
+def model_inputs(src: torch.Tensor, tgt_in: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """What the model is called with: ``(src, tgt_in)`` for the encoder-decoder, ``(ids,)`` when one is given."""
+    return (src,) if tgt_in is None else (src, tgt_in)
+
+
+def pad_masks(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Bool (B, T) masks, True at real tokens, for each stack's positions.
+
+    Two inputs (src, tgt_in) feed the encoder and the decoder and are padded with ``model.cfg.pad_id``. One input
+    (the ids of a decoder-only model) is a packed block: every position is real, in every stack the model has.
+    """
+    if tgt_in is None:
+        every = torch.ones_like(src, dtype=torch.bool)
+        return {stack: every for stack in sublayers(model)}
     pad_id = model.cfg.pad_id
     return {"encoder": src.ne(pad_id), "decoder": tgt_in.ne(pad_id)}

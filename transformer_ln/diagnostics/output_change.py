@@ -23,6 +23,11 @@ an option and every result states them (``Definition``):
 ``preset="reference"`` is Transformer-Clinic's ``plot_stability``: l2, before the final norm, train mode, padding
 included, encoder only. ``preset="ours"`` (the default) is squared, stack output, eval mode, padding skipped, both
 stacks (the decoder's change includes what reaches it through the perturbed encoder output).
+
+A decoder-only model (``CausalLM``, called with its ids alone: ``output_change(model, ids)``) has one stack,
+"decoder": F is its final hidden states (``model.hidden(ids)``, before the output projection), every position
+real. Of the definition's stacks those the model has are measured (``ours``: the decoder); a definition naming
+none of them (``reference``: the encoder) is an error that says to pass ``stacks=("decoder",)``.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from torch.func import functional_call
 from ..model.norms import is_norm
 from ..model.schemes import Residual
 from ..model.sublayer import stream_tensors
-from .hooks import STACKS, pad_masks, registered_hooks, sublayers
+from .hooks import STACKS, model_inputs, pad_masks, registered_hooks, sublayers
 from .hooks import mode as train_mode
 
 PERTURBATIONS = ("random", "grad_sign")
@@ -102,14 +107,17 @@ def definition(preset: str | Definition | None = None, **options) -> Definition:
 
 
 class _Stacks(nn.Module):
-    """Runs the encoder and (optionally) the decoder stack; ``functional_call`` swaps the parameters in."""
+    """Runs the encoder and (optionally) the decoder stack; ``functional_call`` swaps the parameters in. With one
+    input (a decoder-only model's ids) the model's one stack: its final hidden states."""
 
     def __init__(self, model: nn.Module, stacks: tuple[str, ...]):
         super().__init__()
         self.model = model
         self.stacks = stacks
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if tgt_in is None:
+            return {self.stacks[0]: self.model.hidden(src)}
         memory = self.model.encode(src)
         out = {"encoder": memory}
         if "decoder" in self.stacks:
@@ -125,13 +133,20 @@ def perturbed_names(model: nn.Module) -> list[str]:
 
 
 def default_tgt_out(tgt_in: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Next-token targets when none are given: ``tgt_in`` shifted left by one, a pad appended."""
+    """Next-token targets when none are given: ``tgt_in`` (or a decoder-only model's ids) shifted left by one, a pad
+    appended; the loss ignores it, so logits[:, :-1] are scored against ids[:, 1:]."""
     return F.pad(tgt_in[:, 1:], (0, 1), value=pad_id)
 
 
-def token_loss(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy over non-pad targets (no label smoothing: the plain NLL)."""
-    logits = model(src, tgt_in)
+def token_loss(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor | None = None,
+               tgt_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean token cross-entropy over non-pad targets (no label smoothing: the plain NLL) of ``model(src, tgt_in)``,
+    or of ``model(ids)`` with ``tgt_in=None``; ``tgt_out`` (aligned with the logits) defaults to next-token targets
+    of the decoder's input (``default_tgt_out``)."""
+    inputs = model_inputs(src, tgt_in)
+    if tgt_out is None:
+        tgt_out = default_tgt_out(inputs[-1], model.cfg.pad_id)
+    logits = model(*inputs)
     if logits.dtype in (torch.float16, torch.bfloat16):  # the softmax in at least float32
         logits = logits.float()
     return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=model.cfg.pad_id)
@@ -169,17 +184,20 @@ def _resolve_perturbation(mode: str | None, perturbation: str | None) -> tuple[s
 
 
 @torch.no_grad()
-def output_change(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, eps: float | None = None,
+def output_change(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor | None = None, eps: float | None = None,
                   mode: str | None = None, n_samples: int = 1, seed: int = 0, tgt_out: torch.Tensor | None = None,
                   stacks: tuple[str, ...] | None = None, *, perturbation: str | None = None,
                   preset: str | Definition | None = None, norm: str | None = None, read: str | None = None,
                   padding: str | None = None, masks: str | None = None) -> dict[str, float]:
-    """``{stack: Delta F}`` for the stacks of the definition, each averaged over ``n_samples`` perturbations.
+    """``{stack: Delta F}`` for the stacks of the definition the model has, each averaged over ``n_samples``
+    perturbations.
 
     Args:
-        model: an unwrapped ``Seq2SeqTransformer``; parameters and buffers stay bit-identical (BatchNorm's running
-            statistics too, even in train mode), train/eval flags restored.
-        src, tgt_in: int64 (B, S), (B, T). ``tgt_out`` (for ``grad_sign``) defaults to ``tgt_in`` shifted left.
+        model: an unwrapped ``Seq2SeqTransformer`` or ``CausalLM``; parameters and buffers stay bit-identical
+            (BatchNorm's running statistics too, even in train mode), train/eval flags restored.
+        src, tgt_in: int64 (B, S), (B, T). ``tgt_in=None``: ``src`` is the ids of a decoder-only model (its one
+            stack, "decoder", every position real). ``tgt_out`` (for ``grad_sign``) defaults to the decoder's input
+            shifted left (next-token targets).
         eps: step size per weight; default the reference's: 1e-4 for "random", 1e-6 for "grad_sign".
         perturbation: "random" (fresh signs per sample, seeded by ``seed``) or "grad_sign" (one sample).
         preset, norm, read, mode, padding, masks, stacks: the ``Definition`` (module docstring); a preset ("ours",
@@ -195,14 +213,19 @@ def output_change(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, eps
     if n_samples < 1:
         raise ValueError(f"n_samples: got {n_samples}, must be >= 1")
     keep = pad_masks(model, src, tgt_in)
+    inputs = model_inputs(src, tgt_in)
+    last = {s: subs[-1][1] for s, subs in sublayers(model).items()}
+    measured = tuple(s for s in d.stacks if s in last)
+    if not measured:
+        raise ValueError(f"stacks: the definition measures {', '.join(d.stacks)}, but the model has only "
+                         f"{', '.join(last)}; pass stacks={tuple(last)!r}")
     if tgt_out is None:
-        tgt_out = default_tgt_out(tgt_in, model.cfg.pad_id)
-    wrapper = _Stacks(model, d.stacks if "decoder" in d.stacks else ("encoder",))
+        tgt_out = default_tgt_out(inputs[-1], model.cfg.pad_id)
+    wrapper = _Stacks(model, measured if len(inputs) == 1 or "decoder" in measured else ("encoder",))
     names = perturbed_names(model)
     generator = torch.Generator().manual_seed(seed)
-    totals = {s: 0.0 for s in d.stacks}
+    totals = {s: 0.0 for s in measured}
     samples = 1 if perturbation == "grad_sign" else n_samples
-    last = {s: subs[-1][1] for s, subs in sublayers(model).items() if subs}
     read_out: dict[str, torch.Tensor] = {}
 
     def capture(stack: str):
@@ -213,9 +236,9 @@ def output_change(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, eps
     def forward(params: dict | None) -> dict[str, torch.Tensor]:
         if d.masks == "shared":
             torch.manual_seed(seed)
-        out = wrapper(src, tgt_in) if params is None else \
-            functional_call(wrapper, params, (src, tgt_in), tie_weights=True, strict=False)
-        return {s: read_out[s] if d.read == "before_final_norm" else out[s] for s in d.stacks}
+        out = wrapper(*inputs) if params is None else \
+            functional_call(wrapper, params, inputs, tie_weights=True, strict=False)
+        return {s: read_out[s] if d.read == "before_final_norm" else out[s] for s in measured}
 
     buffers = {n: b.clone() for n, b in model.named_buffers()}  # train mode may update BatchNorm's statistics
     devices = [src.device] if src.device.type == "cuda" else []
@@ -224,14 +247,14 @@ def output_change(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, eps
                 torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)  # dropout masks: one seeded stream, fresh masks for every forward
             if d.read == "before_final_norm":
-                for s in d.stacks:
+                for s in measured:
                     hooks.forward(last[s], capture(s))
             base = forward(None)
             for _ in range(samples):
                 moved = _moved(model, names, perturbation, eps, generator, src, tgt_in, tgt_out)
                 new = forward(moved)
                 del moved
-                for s in d.stacks:
+                for s in measured:
                     diff = (new[s] - base[s]).double()
                     diff = diff[keep[s]] if d.padding == "skip" else diff  # (n_tokens, D) or (B, T, D)
                     sq = diff.pow(2).sum().item()

@@ -113,11 +113,14 @@ def _fit_note(r: Mapping[str, Any]) -> str:
 
 
 def output_change_figure(sweeps: Mapping[str, Any] | list[Mapping[str, Any]], checkpoint: str = "init"):
-    """Output change against encoder sub-layers N, one column per sweep (definition): all schemes on linear x
+    """Output change against the swept stack's sub-layers N (the sweep's ``config["stack"]``: the encoder, or a
+    decoder-only model's decoder), one column per sweep (definition): all schemes on linear x
     (top), and on log x (bottom) the schemes whose better fit is a*log(N)+b (straight lines there). Lines are the
     means over seeds, bands their 95% intervals, dashes each scheme's better fit to the means."""
     sweeps = [sweeps] if isinstance(sweeps, Mapping) else list(sweeps)
     n_schemes = max(len(sw["results"]) for sw in sweeps)
+    stack = sweeps[0].get("config", {}).get("stack", "encoder")
+    per_layer = sweeps[0].get("config", {}).get("sublayers_per_layer", 2)
     fig = _figure(6.8 * len(sweeps), 8.5 if n_schemes <= 4 else 11)
     axes = fig.subplots(2, len(sweeps), squeeze=False)
     for col, sweep in enumerate(sweeps):
@@ -148,7 +151,7 @@ def output_change_figure(sweeps: Mapping[str, Any] | list[Mapping[str, Any]], ch
                 ax.set_xticks(sorted({int(v) for r in results.values() for v in r["sublayers"]}))
                 ax.xaxis.set_major_formatter(ScalarFormatter())
                 ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("encoder sub-layers N (2 per layer)" + (", log scale" if scale == "log" else ""))
+            ax.set_xlabel(f"{stack} sub-layers N ({per_layer} per layer)" + (", log scale" if scale == "log" else ""))
             ax.set_ylabel(change_label(defn))
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=6.5 if len(results) > 4 else 7.5)
@@ -159,7 +162,9 @@ def output_change_figure(sweeps: Mapping[str, Any] | list[Mapping[str, Any]], ch
     cfg = sweeps[0].get("config", {})
     detail = (f"d_model={cfg.get('d_model', '?')}, eps={cfg.get('eps', '?')}, {cfg.get('n_tokens', '?')} tokens, "
               f"{cfg.get('perturbation', 'random')} perturbation")
-    fig.suptitle(f"Encoder output change under a ±eps weight perturbation ({checkpoint}; {detail})")
+    head = f"{stack.capitalize()} output change under a ±eps weight perturbation"
+    # one column is too narrow for one line
+    fig.suptitle(f"{head} ({checkpoint}; {detail})" if len(sweeps) > 1 else f"{head} ({checkpoint})\n{detail}")
     return fig
 
 
@@ -204,16 +209,18 @@ def plot_output_change_bars(changes: Mapping[str, Mapping[str, float]], out: str
 
 
 def grad_norms_figure(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], checkpoint: str = "init"):
-    """Relative gradient norms per sub-layer (log y): rows = output / parameter gradients, columns = stacks.
+    """Relative gradient norms per sub-layer (log y): rows = output / parameter gradients, columns = the stacks the
+    models have (one column, "decoder", for decoder-only models).
 
     Args:
         norms: ``{scheme: gradient_norms(...)}``.
     """
-    stacks = STACKS
+    stacks = [s for s in STACKS if any(v["stack"] == s for rows in norms.values() for v in rows.values())] \
+        or list(STACKS)
     kinds = (("output_grad_rel", r"$|\partial L/\partial x_i|$ / max"),
              ("param_grad_rel", r"$|\partial L/\partial \theta_i|$ / max"))
-    fig = _figure(11, 7)
-    axes = fig.subplots(2, 2, squeeze=False)
+    fig = _figure(5.5 * len(stacks) + (1.5 if len(stacks) == 1 else 0), 7)
+    axes = fig.subplots(2, len(stacks), squeeze=False)
     for r, (key, ylabel) in enumerate(kinds):
         for c, stack in enumerate(stacks):
             ax = axes[r, c]
@@ -235,7 +242,8 @@ def grad_norms_figure(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], chec
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend()
     names = ", ".join(scheme_label(s) for s in norms)
-    fig.suptitle(f"Relative gradient norms, each divided by the largest in the same network ({names})")
+    sep = " " if len(stacks) > 1 else "\n"  # one column is too narrow for one line
+    fig.suptitle(f"Relative gradient norms, each divided by the largest in the same network{sep}({names})")
     return fig
 
 
