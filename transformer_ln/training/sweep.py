@@ -153,7 +153,8 @@ def plot_sweep(out: Path, run_dirs: list[Path]) -> list[Path]:
     The dependency is measured on a seeded random token batch with the run's best checkpoint (eval mode).
     """
     from ..runs.checkpoint import load_model
-    from ..diagnostics import random_batch, residual_dependency
+    from ..diagnostics import residual_dependency
+    from ..diagnostics.batch import batch_inputs, random_batch_for
     from ..diagnostics.plotting import plot_curves, plot_dependency
 
     finished = [d for d in run_dirs if is_finished(d)]
@@ -161,8 +162,8 @@ def plot_sweep(out: Path, run_dirs: list[Path]) -> list[Path]:
     for d in finished:
         if RunDir(d).read_summary().status != "completed":
             continue
-        model, cfg = load_model(d, RunDir.BEST)
-        batch = random_batch(cfg.model.src_vocab_size, batch_size=8, seq_len=20, pad_id=cfg.model.pad_id)
-        betas = residual_dependency(model, batch["src"], batch["tgt_in"])
+        model, _ = load_model(d, RunDir.BEST)
+        inputs, _ = batch_inputs(random_batch_for(model, batch_size=8, seq_len=20))  # either architecture
+        betas = residual_dependency(model, *inputs)
         made += plot_dependency({d.name: betas}, out / f"dependency_{d.name}", checkpoint=RunDir.BEST)
     return made
