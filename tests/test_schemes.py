@@ -176,7 +176,8 @@ def test_rezero_layers_are_the_identity_at_initialisation():
 
 
 def test_subln_has_exactly_the_extra_norms_of_its_formula():
-    enc, dec = EncoderLayer(D, H, F, residual="subln"), DecoderLayer(D, H, F, residual="subln")
+    enc = EncoderLayer(D, H, F, residual="subln", depths=(3, 2))  # Sub-LN's gamma needs the model's depths
+    dec = DecoderLayer(D, H, F, residual="subln", depths=(3, 2))
     count = lambda mod: sum(is_norm(m) for m in mod.modules())  # noqa: E731
     assert count(enc) == 4  # pre-norm + inner norm in self-attention and in the FFN
     assert count(dec) == 5  # three pre-norms + inner norms in self-attention and FFN (none in cross-attention)

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 class CausalLayer(_Layer):
     """Causal self-attention then FFN: an encoder layer with a causal mask, the block of GPT-2 and LLaMA.
 
-    Arguments as ``EncoderLayer``; ``depths`` = (0, M) for a stack of M such layers (the default counts one).
+    Arguments as ``EncoderLayer``; ``depths`` = (0, M) for a stack of M such layers (or ``n_sublayers`` = 2 M). A
+    scheme with depth-dependent constants (DeepNorm, Sub-LN, T-Fixup, Admin's closed forms) needs one of them;
+    the others count the layer alone.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1, attn_dropout: float = 0.0,
@@ -39,9 +41,8 @@ class CausalLayer(_Layer):
                  init: bool = True, bias: bool = True, **scheme_options):
         super().__init__()
         scheme = _scheme(residual, scheme_options)
-        if depths is None:
-            depths = (0, max(1, (n_sublayers or 2) // 2))
-        s_attn, s_ffn = _sites("decoder", ("self_attn", "ffn"), layer_index, d_model, n_sublayers, depths, scheme)
+        s_attn, s_ffn = _sites("decoder", ("self_attn", "ffn"), layer_index, d_model, n_sublayers, depths, scheme,
+                               causal=True)
         self.self_attn = scheme.build_sublayer(SelfAttention(d_model, n_heads, attn_dropout, bias), s_attn, dropout)
         self.ffn = scheme.build_sublayer(FeedForward(d_model, d_ff, act_dropout, activation, bias), s_ffn, dropout)
         self._finish(scheme, init)

@@ -128,6 +128,9 @@ class DeepNorm(ResidualScheme):
     name, label, color = "deepnorm", "DeepNorm", "tab:purple"
     custom_init = True
 
+    def needs_depths(self) -> bool:
+        return True
+
     def _constants(self, site: Site) -> tuple[float, float]:
         return deepnorm_constants(site.n_enc_layers, site.n_dec_layers)[site.stack]
 
@@ -155,6 +158,9 @@ class SubLN(ResidualScheme):
     name, label, color = "subln", "Sub-LN", "tab:brown"
     pre_norm, post_norm, final_norm = True, False, True
     custom_init = True
+
+    def needs_depths(self) -> bool:
+        return True
 
     def build_sublayer(self, branch: nn.Module, site: Site, dropout: float = 0.0) -> Sublayer:
         if site.kind != "cross_attn":
@@ -233,6 +239,9 @@ class TFixup(ResidualScheme):
 
     name, label, color = "tfixup", "T-Fixup", "tab:gray"
     post_norm, has_norms, custom_init = False, False, True
+
+    def needs_depths(self) -> bool:
+        return True
 
     @staticmethod
     def scale(site: Site) -> float:

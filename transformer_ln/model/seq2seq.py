@@ -31,15 +31,28 @@ def _scheme(residual: str | ResidualScheme, options: dict) -> ResidualScheme:
 
 
 def _sites(stack: str, kinds: tuple[str, ...], layer_index: int, d_model: int, n_sublayers: int | None,
-           depths: tuple[int, int] | None, scheme: ResidualScheme) -> list[Site]:
-    """The ``Site`` of each sub-layer of layer ``layer_index``; ``depths`` = (encoder, decoder) layer counts."""
+           depths: tuple[int, int] | None, scheme: ResidualScheme, causal: bool = False) -> list[Site]:
+    """The ``Site`` of each sub-layer of layer ``layer_index``; ``depths`` = (encoder, decoder) layer counts.
+
+    A standalone layer (no ``depths``) of a scheme whose constants come from the model's depths (DeepNorm, Sub-LN,
+    T-Fixup: ``needs_depths``) or from its stack's size (Admin's closed forms: ``needs_stack_size``) is refused in one
+    line saying what to pass, rather than given the constants of a 1-layer model. ``causal``: a decoder-only layer,
+    whose stack has no encoder, so ``n_sublayers`` = 2 M alone gives its depths (0, M).
+    """
     per_layer = len(kinds)
+    if depths is None and causal and n_sublayers:
+        depths = (0, max(1, n_sublayers // per_layer))
+    what = ("depths=(0, M) or n_sublayers=2M for a decoder-only stack of M layers" if causal else
+            f"depths=(N, M), the encoder and decoder layer counts of the model this {stack} layer belongs to")
+    if depths is None and scheme.needs_depths():
+        raise ValueError(f"{scheme!r} computes its constants from the model's depth; give {what}")
     if n_sublayers is None and depths is None and scheme.needs_stack_size():
         raise ValueError(f"{scheme!r} computes its constants from the stack's number of residual sub-layers; give "
-                         f"n_sublayers= ({per_layer} per {stack} layer times the layers) or depths=(N, M)")
-    if depths is None:  # a standalone layer: a symmetric model of n_sublayers / per_layer layers (1 if not given)
+                         + (what if causal else f"n_sublayers= ({per_layer} per {stack} layer times the layers) "
+                                                "or depths=(N, M)"))
+    if depths is None:  # a scheme without depth-dependent constants: the layer counts only itself
         n = max(1, (n_sublayers or per_layer) // per_layer)
-        depths = (n, n)
+        depths = (0, n) if causal else (n, n)
     n_enc, n_dec = depths
     n_sub = n_sublayers or per_layer * (n_enc if stack == "encoder" else n_dec)
     return [Site(stack, kind, layer_index, per_layer * layer_index + k + 1, n_enc, n_dec, d_model, n_sub)

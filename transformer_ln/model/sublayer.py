@@ -188,6 +188,11 @@ class ResidualScheme:
         """True when a sub-layer's constants come from its stack's size (a standalone layer must be told it)."""
         return False
 
+    def needs_depths(self) -> bool:
+        """True when a sub-layer's constants come from the model's layer counts (N encoder, M decoder layers): a
+        standalone layer must be given ``depths``."""
+        return False
+
     def residual(self, site: Site) -> nn.Module:
         """The module that combines shortcut and branch at ``site``."""
         return Residual()
