@@ -2,9 +2,12 @@
 roll-back loads, and the trainer-state file inside each (the format itself is ``runs.checkpoint``).
 
 Kept weights are good weights: a checkpoint is written only when the weights pass the divergence guard (the caller's
-``verdict``), so the newest checkpoint is always the last good one. ``best`` is promoted from the checkpoint written
-after a validation found a new lowest loss. Under FSDP the whole model and optimizer state are gathered onto the
-main process first (``sharding``): one format for every launch.
+``verdict``), so the newest checkpoint is always the last good one. ``best`` is always weights whose validation loss
+was measured: it is promoted only from a checkpoint of the very update whose validation found a new lowest loss, and
+the trainer writes that checkpoint at validation time when its save cadence would not (``State.best_pending``). Until
+a validation has found one (or in a run without a valid split) there is no ``best``, and readers asking for it get
+the newest checkpoint (``runs.checkpoint.resolve``). Under FSDP the whole model and optimizer state are gathered onto
+the main process first (``sharding``): one format for every launch.
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ class Checkpointer:
             return False
         st.last_good_update = st.update
         st.last_saved_update = st.update
-        best = st.best_pending or not self.rundir.best.is_dir()
+        best = st.best_pending and st.last_valid_update == st.update  # validated on exactly these weights
         st.best_pending = False
         if best:
             st.best_update = st.update

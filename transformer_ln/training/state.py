@@ -24,7 +24,7 @@ class State:
     last_valid_update: int = -1
     last_saved_update: int = -1
     metrics_bytes: int | None = None
-    best_pending: bool = False  # validation found a new best; the next checkpoint written becomes ``best``
+    best_pending: bool = False  # this update's validation found a new best: checkpoint it now, as ``best``
     bad_valid_update: int | None = None  # the update whose validation loss failed the divergence check
 
     @classmethod

@@ -231,8 +231,8 @@ class Trainer:
                 st.wall_time = time.time() - start_wall
                 if t_cfg.valid_every and st.update % t_cfg.valid_every == 0:
                     self.validate()
-                if t_cfg.save_every and st.update % t_cfg.save_every == 0:
-                    self.save()
+                if t_cfg.save_every and st.update % t_cfg.save_every == 0 or st.best_pending:
+                    self.save()  # a new best is checkpointed when validated: ``best`` holds validated weights
             st.wall_time = time.time() - start_wall
             if st.status != "diverged" and st.batches_in_epoch >= len(batches):
                 self._end_epoch()
@@ -299,7 +299,7 @@ class Trainer:
         st.batches_in_epoch = 0
         if st.last_valid_update != st.update:
             self.validate()
-        if self.cfg.train.save_epochs:
+        if self.cfg.train.save_epochs or st.best_pending:
             self.save()
 
     def validate(self) -> dict | None:
