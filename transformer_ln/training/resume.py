@@ -1,13 +1,17 @@
 """Opening a run directory for training, and picking up where an interrupted run stopped.
 
 A fresh run locks the directory and deletes only what runs write (``RunDir``). A resume locks it, finishes what a
-kill interrupted (a half-written checkpoint, a ``best`` not yet copied), refuses a changed model, recognises a run
-with nothing left to do (the same stopping rule: it resumes to nothing) and loads the newest readable checkpoint,
-skipping a corrupt one with a warning and never deleting it. Every process reaches the same verdict: the main one
-decides and the others are told (``agree``).
+kill interrupted (a half-written checkpoint, a ``best`` not yet copied), refuses a changed model, refuses changed
+settings that would change the training trajectory (``TRAJECTORY``: seed, batch size, update frequency, optimizer and
+schedule) unless they are named on purpose in ``ALLOW_CHANGES`` (``TRANSFORMER_LN_RESUME_CHANGES=train.seed,optim.lr``
+or ``=all``; after divergence changing them is the point, and it is only noted), recognises a run with nothing left to
+do (the same stopping rule: it resumes to nothing) and loads the newest readable checkpoint, skipping a corrupt one
+with a warning and never deleting it. Stopping rules, logging, validation and checkpoint cadence may change freely.
+Every process reaches the same verdict: the main one decides and the others are told (``agree``).
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Optional
 
@@ -17,6 +21,21 @@ from ..runs import checkpoint as ckpt_lib
 from ..runs.rundir import RunDir
 from .checkpointer import Checkpointer, read_state
 from .state import State, stop_reason
+
+
+# what a resumed run must share with the run it continues to compute the same updates (and every optim.* key)
+TRAJECTORY = ("train.seed", "train.max_tokens", "train.update_freq")
+ALLOW_CHANGES = "TRANSFORMER_LN_RESUME_CHANGES"  # comma-separated keys (or "all") a resume may change on purpose
+
+
+def trajectory_changes(old: RunConfig, new: RunConfig) -> list[str]:
+    """``key old -> new`` for every setting in ``TRAJECTORY`` or ``optim`` that differs between the configs."""
+    def value(cfg: RunConfig, key: str):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    keys = [*TRAJECTORY, *(f"optim.{k}" for k in new.optim.to_dict())]
+    return [f"{k} {value(old, k)!r} -> {value(new, k)!r}" for k in keys if value(old, k) != value(new, k)]
 
 
 class RunOpening:
@@ -75,6 +94,7 @@ class RunOpening:
                                     f"{run.checkpoints}/{RunDir.UPDATE_PREFIX}*); start the run again without "
                                     "--resume")
                 self._check_model()
+                self._check_trajectory()
                 self.finished = self._already_finished()
                 run.mark()
                 return
@@ -130,6 +150,22 @@ class RunOpening:
         if diff:
             raise UserError(f"cannot resume {self.rundir} with a different model config (changed: "
                             f"{', '.join('model.' + k for k in diff)}); drop those overrides or start a new run")
+
+    def _check_trajectory(self) -> None:
+        """Refuse settings that change what the next updates compute, unless allowed by name (``ALLOW_CHANGES``)."""
+        changed = trajectory_changes(ckpt_lib.load_run_config_from(self.rundir.path), self.cfg)
+        if not changed:
+            return
+        summary = self.rundir.read_summary()
+        allowed = {k.strip() for k in os.environ.get(ALLOW_CHANGES, "").split(",") if k.strip()}
+        keys = [c.split(" ")[0] for c in changed]
+        if summary is not None and summary.status == "diverged" or "all" in allowed or set(keys) <= allowed:
+            print(f"note: resuming {self.rundir} with {', '.join(changed)}: from here it trains differently from the "
+                  "run so far", file=sys.stderr)
+            return
+        raise UserError(f"cannot resume {self.rundir} with settings that change its training trajectory: "
+                        f"{', '.join(changed)}; drop those overrides to continue exactly, or run `{ALLOW_CHANGES}="
+                        f"{','.join(keys)} transformer-ln train --resume {self.rundir} ...` to change them on purpose")
 
     def load_last(self, model, metrics, log: Callable[[str], None]) -> tuple[State, tuple]:
         """The newest readable checkpoint; a corrupt one is skipped with a warning, never deleted.
