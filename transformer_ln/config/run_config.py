@@ -242,13 +242,16 @@ class DataConfig(Section):
             raise ConfigError(f"{p}hub_name: required when {p}source='hub' (e.g. 'wmt14' or 'iwslt2017')")
 
 
+MAX_LR = 100.0  # optim.lr and optim.warmup_init_lr above this are refused (divergence tests use up to 30)
+
+
 @dataclass
 class OptimConfig(Section):
     """Optimizer, schedule (fairseq's inverse square root) and loss."""
 
     _prefix = "optim."
     name: Literal["adam", "radam"] = opt("adam", "adam (AdamW) or radam")
-    lr: float = opt(5e-4, "peak learning rate, reached after warmup")
+    lr: float = opt(5e-4, "peak learning rate, reached after warmup (at most 100)")
     betas: tuple[float, float] = opt((0.9, 0.98), "Adam betas")
     eps: float = opt(1e-8, "Adam epsilon")
     weight_decay: float = opt(0.0, "decoupled weight decay")
@@ -263,6 +266,10 @@ class OptimConfig(Section):
         self.positive("lr", "eps")
         self.non_negative("weight_decay", "clip_norm", "warmup_updates", "warmup_init_lr")
         self.probability("label_smoothing")
+        for n in ("lr", "warmup_init_lr"):  # larger steps only overflow the weights (lr=1e308: inf at update 2)
+            if getattr(self, n) > MAX_LR:
+                raise ConfigError(f"{p}{n}: got {getattr(self, n)!r}, must be at most {MAX_LR:g} (a larger step "
+                                  "only blows the weights up; Transformer peaks are about 1e-4 to 1e-2)")
         for b in self.betas:
             if not 0.0 <= b < 1.0:
                 raise ConfigError(f"{p}betas: got {list(self.betas)}, each must lie in [0, 1)")

@@ -39,6 +39,11 @@ class Task:
     def build_model(self, model_cfg) -> nn.Module:
         raise NotImplementedError
 
+    def over_budget(self, data, max_tokens: int) -> str | None:
+        """One line when some training batches must exceed ``max_tokens`` (a batch holds at least one example or
+        block, whatever the budget), else None."""
+        return None
+
     def inputs(self, batch: dict) -> tuple:
         """What the model is called with for ``batch`` (also what a scheme's calibration feeds it)."""
         raise NotImplementedError
@@ -91,6 +96,17 @@ class TranslationTask(Task):
         from ..model.seq2seq import Seq2SeqTransformer
 
         return Seq2SeqTransformer(model_cfg)
+
+    def over_budget(self, data, max_tokens: int) -> str | None:
+        from ..data.batching import token_cost
+
+        cost = token_cost(*data.lengths("train"))
+        over = int((cost > max_tokens).sum())
+        if not over:
+            return None
+        return (f"train.max_tokens={max_tokens} is below the size of {over} of {len(cost)} training pairs (up to "
+                f"{int(cost.max())} tokens with padding): each of those is a batch of its own, larger than the limit; "
+                f"raise train.max_tokens to at least {int(cost.max())} to keep every batch within it")
 
     def inputs(self, batch: dict) -> tuple:
         return batch["src"], batch["tgt_in"]
@@ -146,6 +162,13 @@ class LanguageModelTask(Task):
         from ..model.causal_lm import CausalLM
 
         return CausalLM(model_cfg)
+
+    def over_budget(self, data, max_tokens: int) -> str | None:
+        if max_tokens >= data.block_size:
+            return None
+        return (f"train.max_tokens={max_tokens} is below one block (data.block_size={data.block_size} tokens): "
+                f"every batch holds one block, larger than the limit; raise train.max_tokens to at least "
+                f"{data.block_size} or lower data.block_size")
 
     def inputs(self, batch: dict) -> tuple:
         return (batch["input"],)

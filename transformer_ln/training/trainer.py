@@ -10,6 +10,10 @@ Its promises:
   would have, once.
 - Idempotent resume: a finished run resumes to nothing; a larger stopping rule continues where it stopped.
 - Kept weights are good weights: see ``checkpointer``; ``summary.json`` names the last good update and checkpoint.
+- ``best`` holds validated weights: a validation that finds a new lowest loss checkpoints its own update then
+  (whatever ``train.save_every`` says), and only such a checkpoint becomes ``best``.
+- A resume refuses settings that change the trajectory (seed, batch, update frequency, ``optim.*``) unless named on
+  purpose (``resume``); a model that cannot fit is refused before it is built (``memory``).
 - One code path for one process, DDP and FSDP2: ``sharding`` gathers the whole state for checkpoints and callbacks,
   and every process runs the same number of forward passes (FSDP all-gathers parameters in each).
 """
@@ -36,6 +40,7 @@ from .batches import EpochBatches
 from .checkpointer import Checkpointer, apply_optimizer_and_rng
 from .divergence import DivergenceGuard
 from .launcher import exit_when_launcher_dies
+from .memory import check_fits, local_processes
 from .resume import RunOpening
 from .state import State, stop_reason, stopped_by
 from .task import get_task
@@ -127,6 +132,10 @@ class Trainer:
         set_seed(self.cfg.train.seed)
         self.data = self.task.prepare(self.run_dir, acc, progress=not self.quiet)
         self.cfg = self.checkpointer.cfg = cfg = self.task.cfg  # completed by the data (the vocabulary)
+        warn = self.task.over_budget(self.data, cfg.train.max_tokens)
+        if warn and acc.is_main_process:
+            print(f"warning: {warn}", file=sys.stderr)
+        check_fits(self.task.build_model, cfg.model, acc.device, local_processes(acc), self.sharded)  # no alloc
         self.model = self.task.build_model(cfg.model)
         self.batches = EpochBatches(self.data, cfg.train.max_tokens, cfg.train.seed, acc)
         self.validator = Validator(self.data, self.task, acc, cfg.train.max_tokens, self.guard,
