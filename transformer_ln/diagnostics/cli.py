@@ -314,11 +314,11 @@ def cmd_curves(args) -> list[Path]:
             raise UserError(f"{run}: no metrics.jsonl (is it a run directory written by transformer-ln train?)")
     runs = [read_run(r) for r in args.runs]
     record = {"runs": [{"dir": str(d), "name": r["name"], "summary": r["summary"], "n_train": len(r["train"]),
-                        "n_valid": len(r["valid"]),
+                        "n_valid": len(r["valid"]), "skipped_lines": r["skipped"],
                         "last_train_loss": r["train"][-1].get("loss") if r["train"] else None}
                        for d, r in zip(args.runs, runs)]}
     print(curves_table(record["runs"]))
-    return [write_json(record, args.out / "curves.json"), *plot_curves(args.runs, args.out / "curves")]
+    return [write_json(record, args.out / "curves.json"), *plot_curves(runs, args.out / "curves")]
 
 
 def curves_table(rows: list[dict]) -> str:

@@ -257,29 +257,58 @@ def plot_grad_norms(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], out: s
 # training curves
 
 
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """``{"name", "train": [records], "valid": [records], "summary": {...}}`` from metrics.jsonl and summary.json."""
+def read_metrics(path: str | Path) -> tuple[list[dict], list[str]]:
+    """The records of a ``metrics.jsonl`` and what was wrong with each line left out (``"line 7: not UTF-8 (byte
+    0xff)"``): a line that is not UTF-8, not JSON, not a JSON object, or cut short by a crash (the last, without its
+    newline) is skipped, never fatal."""
+    data = Path(path).read_bytes()
+    lines = data.split(b"\n")
+    records, skipped = [], []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            skipped.append(f"line {number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+            continue
+        except ValueError:
+            cut = number == len(lines)  # no newline after it: the write was interrupted
+            skipped.append(f"line {number}: " + ("cut short (no newline: a write interrupted by a crash?)" if cut
+                                                 else "not JSON"))
+            continue
+        if not isinstance(rec, dict):
+            skipped.append(f"line {number}: not a JSON object")
+            continue
+        records.append(rec)
+    return records, skipped
+
+
+def read_run(run_dir: str | Path, warn: bool = True) -> dict[str, Any]:
+    """``{"name", "train": [records], "valid": [records], "summary": {...}, "skipped": [reasons]}`` from
+    metrics.jsonl and summary.json; lines of metrics.jsonl that cannot be read are left out (``read_metrics``)
+    with, if ``warn``, one warning on stderr saying which."""
+    import sys
+
     from ..runs.rundir import RunDir
 
     run = RunDir(run_dir)
     run_dir = run.path
-    train, valid = [], []
+    train, valid, skipped = [], [], []
     metrics = run.metrics
     if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+        records, skipped = read_metrics(metrics)
+        for rec in records:
             if rec.get("kind") == "train":
                 train.append(rec)
             elif rec.get("kind") == "valid":
                 valid.append(rec)
+        if skipped and warn:
+            shown = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+            print(f"warning: {metrics}: skipped {len(skipped)} unreadable line(s) ({shown}); the curves and "
+                  f"numbers leave them out", file=sys.stderr, flush=True)
     summary = run.read_summary().to_dict() if run.summary.is_file() else {}
-    return {"name": run_dir.name, "train": train, "valid": valid, "summary": summary}
+    return {"name": run_dir.name, "train": train, "valid": valid, "summary": summary, "skipped": skipped}
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -288,15 +317,16 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
 
 
-def curves_figure(run_dirs: Iterable[str | Path]):
-    """Overlay the training curves of several runs (a ``Figure``): train/valid loss in bits per token (base 2, as
+def curves_figure(run_dirs: Iterable[str | Path | dict]):
+    """Overlay the training curves of several runs (a ``Figure``; each run a directory or what ``read_run``
+    returned for it): train/valid loss in bits per token (base 2, as
     the trainer logs them), lr, grad norm and the panels the schemes add (``ResidualScheme.curve_panels``, e.g.
     Admin's omega, min-mean-max), each only when a run logged its numbers.
 
     A diverged run (``summary.json`` status "diverged") ends in a cross at its last logged point, labelled with
     the update where it stopped.
     """
-    runs = [read_run(d) for d in run_dirs]
+    runs = [d if isinstance(d, dict) else read_run(d) for d in run_dirs]
     panels = [("train", "loss", "train loss (bits/token)"), ("valid", "loss", "valid loss (bits/token)"),
               ("train", "lr", "learning rate"), ("train", "grad_norm", "gradient norm (before clipping)")]
     bands = {}
@@ -344,6 +374,6 @@ def curves_figure(run_dirs: Iterable[str | Path]):
     return fig
 
 
-def plot_curves(run_dirs: Iterable[str | Path], out: str | Path, dpi: int = 150) -> list[Path]:
+def plot_curves(run_dirs: Iterable[str | Path | dict], out: str | Path, dpi: int = 150) -> list[Path]:
     """``curves_figure`` written as PNG and PDF."""
     return save(curves_figure(run_dirs), out, dpi)

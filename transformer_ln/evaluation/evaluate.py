@@ -3,6 +3,12 @@
 BLEU is sacreBLEU on detokenized output against the raw references (signature printed, chrF beside it), the score
 the field reports. Under several processes each takes every N-th sentence, the translations are gathered back
 into input order and the score is computed once, on exactly the N test sentences.
+
+Nothing is silent: a sentence longer than ``model.max_positions - 1`` tokens is cut to that length with one
+warning on stderr (how many, to what length, which setting limits it); a model that produces non-finite logits is
+one error naming the checkpoint (and whether its weights are non-finite) instead of a BLEU of 0 over empty
+translations; search settings without a meaning (``--beam 0``, a negative ``--lenpen``, ``--limit 0``) are refused
+with one line.
 """
 from __future__ import annotations
 
@@ -18,6 +24,48 @@ from ..atomic import write_text
 from ..config.parser import Parser
 from ..errors import UserError
 from ..runs.rundir import RunDir
+from .search import NonFiniteLogits, check_search, nonfinite_error
+
+
+def search_settings(beam, lenpen, cfg, given: tuple[bool, bool] = (True, True)) -> tuple[int, float]:
+    """The beam and length penalty to use (``None``: the run's ``train.beam`` / ``train.lenpen``), checked with
+    the run's ``train.max_len_a/b``; a value without a meaning is one ``UserError`` naming its option or setting."""
+    t = cfg.train
+    beam = t.beam if beam is None else beam
+    lenpen = t.lenpen if lenpen is None else lenpen
+    try:
+        check_search(beam, lenpen, t.max_len_a, t.max_len_b)
+    except ValueError as e:
+        name, _, why = str(e).partition(":")
+        if (name, True) in (("beam", given[0]), ("lenpen", given[1])):
+            raise UserError(f"--{name}:{why}") from None
+        fix = f"pass --{name} to override it" if name in ("beam", "lenpen") else "correct it there"
+        raise UserError(f"train.{name} in the run's config.yaml:{why}; {fix}") from None
+    return beam, lenpen
+
+
+def _check_options(args) -> None:
+    """The command line's own values, before anything is loaded."""
+    try:
+        check_search(1 if args.beam is None else args.beam, 1.0 if args.lenpen is None else args.lenpen)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
+    if getattr(args, "limit", None) is not None and args.limit <= 0:
+        raise UserError(f"--limit: got {args.limit}, must be a positive number of sentences (decoder-only runs: "
+                        "blocks); leave it out for the whole split")
+
+
+def truncation_warning(lengths: list[int], limit: int, what: str = "input line") -> str | None:
+    """The warning for sentences (``lengths`` in tokens) longer than ``limit - 1`` tokens, which are cut to that
+    length, or ``None``."""
+    long = [i for i, n in enumerate(lengths) if n > limit - 1]
+    if not long:
+        return None
+    worst = max(long, key=lambda i: lengths[i])
+    return (f"warning: {len(long)} of {len(lengths)} {what}(s) had more than {limit - 1} tokens (the longest, "
+            f"{what} {worst + 1}, has {lengths[worst]}) and were truncated to their first {limit - 1}, the most the "
+            f"run's model.max_positions={limit} allows; their translations cover only that beginning (split long "
+            f"lines into sentences)")
 
 
 def _tokenizer(run_dir: Path):
@@ -43,16 +91,25 @@ def _decode_lines(data: bytes, where: str) -> list[str]:
 @torch.no_grad()
 def translate_sentences(model, tokenizer, sentences: list[str], beam: int = 5, lenpen: float = 1.0,
                         max_len_a: float = 1.2, max_len_b: int = 10, max_tokens: int = 4096,
-                        progress: bool = False) -> list[str]:
-    """Detokenized translations of ``sentences``, in order; batched by length, beam search with the KV cache."""
+                        progress: bool = False, warn: str | None = "input line") -> list[str]:
+    """Detokenized translations of ``sentences``, in order; batched by length, beam search with the KV cache.
+
+    A sentence longer than ``model.cfg.max_positions - 1`` tokens is cut to that length; with ``warn`` (what to
+    call a sentence) one warning on stderr says so (``truncation_warning``). Non-finite logits raise
+    ``search.NonFiniteLogits``."""
     from tqdm.auto import tqdm
 
     from ..data import BOS, EOS
     from .search import beam_search
 
     device = next(model.parameters()).device
+    check_search(beam, lenpen, max_len_a, max_len_b)
     limit = model.cfg.max_positions
-    ids = [tokenizer.encode(s).ids[:limit - 1] + [EOS] for s in sentences]
+    encoded = [tokenizer.encode(s).ids for s in sentences]
+    message = truncation_warning([len(e) for e in encoded], limit, warn) if warn else None
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    ids = [e[:limit - 1] + [EOS] for e in encoded]
     order = sorted((i for i in range(len(ids)) if sentences[i].strip()), key=lambda i: len(ids[i]))  # "" -> ""
     out: list[str] = [""] * len(ids)
     i = 0
@@ -89,7 +146,10 @@ def bleu_and_chrf(hyps: list[str], refs: list[str]) -> dict:
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = RunDir.BEST, beam: int | None = None,
                  lenpen: float | None = None, accelerator=None, model=None, limit: int | None = None) -> dict:
     """Translate ``split`` of the run's corpus, score it, write ``eval_<split>_<checkpoint>[_limit<N>].json`` and
-    the hypotheses beside it (``RunDir.eval_file``), refresh ``results.md``; returns the scores."""
+    the hypotheses beside it (``RunDir.eval_file``), refresh ``results.md``; returns the scores.
+
+    ``beam``/``lenpen`` ``None``: the run's ``train.beam``/``train.lenpen``. A model that produces non-finite
+    logits is a ``UserError`` (``nonfinite_error``) on every process, and nothing is written."""
     from ..data import prepare_data
 
     run = RunDir(run_dir)
@@ -97,10 +157,17 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = Run
     is_main = accelerator is None or accelerator.is_main_process
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
     device = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit: got {limit}, must be a positive number of sentences; leave it out for the whole "
+                        "split")
     if model is None:
-        model, cfg = ckpt_lib.load_model(run_dir, checkpoint, device)
+        ckpt = ckpt_lib.resolve(run_dir, checkpoint)
+        where, cfg = str(ckpt), ckpt_lib.load_run_config_from(ckpt)
     else:
-        cfg = ckpt_lib.load_run_config_from(run_dir)
+        where, cfg = f"{checkpoint} of {run_dir}", ckpt_lib.load_run_config_from(run_dir)
+    beam_used, lenpen_used = search_settings(beam, lenpen, cfg, (beam is not None, lenpen is not None))
+    if model is None:  # after the settings are checked: a refusal is quick
+        model, cfg = ckpt_lib.load_model(run_dir, checkpoint, device)
     data = prepare_data(cfg, run_dir, accelerator)  # the run's prepared data (or its cache), memory-mapped
     pairs = data.text(split) if split in data.splits else None
     if not pairs:
@@ -109,19 +176,33 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = Run
     srcs = [s for s, _ in pairs]
     mine = list(range(rank, len(srcs), world))
     t = cfg.train
-    hyps_mine = translate_sentences(model, _tokenizer(run_dir), [srcs[i] for i in mine],
-                                    beam=beam or t.beam, lenpen=t.lenpen if lenpen is None else lenpen,
-                                    max_len_a=t.max_len_a, max_len_b=t.max_len_b, progress=is_main)
-    if world > 1:
+    tokenizer = _tokenizer(run_dir)
+    warn: str | None = f"{split} sentence"
+    if world > 1:  # one warning for the whole split, from the main process
+        message = truncation_warning([len(e.ids) for e in tokenizer.encode_batch(srcs)], cfg.model.max_positions,
+                                     warn) if is_main else None
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        warn = None
+    failure = None
+    try:
+        hyps_mine = translate_sentences(model, tokenizer, [srcs[i] for i in mine], beam=beam_used,
+                                        lenpen=lenpen_used, max_len_a=t.max_len_a, max_len_b=t.max_len_b,
+                                        progress=is_main, warn=warn)
+    except NonFiniteLogits as e:
+        hyps_mine, failure = [], str(e)
+    if world > 1:  # every process learns of a failure anywhere, so none waits for the others in vain
         from accelerate.utils import gather_object
 
-        gathered = gather_object([(i, h) for i, h in zip(mine, hyps_mine)])
+        gathered = gather_object([(i, h) for i, h in zip(mine, hyps_mine)] if failure is None else [(-1, failure)])
+        failure = next((h for i, h in gathered if i < 0), None)
         hyps = [h for _, h in sorted(gathered)]
     else:
         hyps = hyps_mine
+    if failure is not None:
+        raise nonfinite_error(model, where, failure)
     scores = bleu_and_chrf(hyps, [r for _, r in pairs])
-    scores.update(split=split, checkpoint=checkpoint, beam=beam or t.beam, limit=limit or None,
-                  lenpen=t.lenpen if lenpen is None else lenpen)
+    scores.update(split=split, checkpoint=checkpoint, beam=beam_used, limit=limit or None, lenpen=lenpen_used)
     if is_main:
         names = (split, checkpoint, limit, beam, lenpen)  # one file per distinct evaluation: nothing overwritten
         write_text(run.hyps_file(*names), "\n".join(hyps) + "\n")
@@ -148,7 +229,11 @@ def translate_main(argv: list[str]) -> int:
     _common(p)
     p.add_argument("--input", help="a text file with one sentence per line (default: stdin)")
     args = p.parse_args(argv)
+    _check_options(args)
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    where = ckpt_lib.resolve(args.run_dir, args.checkpoint)
+    beam, lenpen = search_settings(args.beam, args.lenpen, ckpt_lib.load_run_config_from(where),
+                                   (args.beam is not None, args.lenpen is not None))
     model, cfg = ckpt_lib.load_model(args.run_dir, args.checkpoint, device)
     tokenizer = _tokenizer(Path(args.run_dir))
     if args.input:
@@ -159,9 +244,11 @@ def translate_main(argv: list[str]) -> int:
     else:
         lines = _decode_lines(sys.stdin.buffer.read(), "the standard input")
     t = cfg.train
-    out = translate_sentences(model, tokenizer, lines, beam=args.beam or t.beam,
-                              lenpen=t.lenpen if args.lenpen is None else args.lenpen, max_len_a=t.max_len_a,
-                              max_len_b=t.max_len_b)
+    try:
+        out = translate_sentences(model, tokenizer, lines, beam=beam, lenpen=lenpen, max_len_a=t.max_len_a,
+                                  max_len_b=t.max_len_b)
+    except NonFiniteLogits as e:
+        raise nonfinite_error(model, str(where), str(e)) from None
     sys.stdout.write("".join(o + "\n" for o in out))
     return 0
 
@@ -180,6 +267,7 @@ def evaluate_main(argv: list[str]) -> int:
                    help="decoder-only runs: tokens a batch (default: 8192 or the run's train.max_tokens, "
                         "the larger)")
     args = p.parse_args(argv)
+    _check_options(args)
     from .lm_eval import evaluate_lm_run, run_arch
 
     lm = run_arch(args.run_dir, args.checkpoint) == "decoder_only"  # scored by perplexity, not BLEU

@@ -9,7 +9,8 @@ the most likely token is always kept).
 
 The command prepends ``</s>`` to the prompt: the training stream separates documents with it, so the prompt is read
 as the start of a document (an empty prompt samples a document unconditionally). A prompt too long for
-``model.max_positions`` with the new tokens keeps its last tokens (said on stderr).
+``model.max_positions`` with the new tokens keeps its last tokens (said on stderr). NaN or +inf logits raise
+``search.NonFiniteLogits`` (the command: one line naming the checkpoint) instead of sampling from them.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..config.parser import Parser
 from ..errors import UserError
 from ..runs import checkpoint as ckpt_lib
 from ..runs.rundir import RunDir
+from .search import NonFiniteLogits, nonfinite_error
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -79,6 +81,9 @@ def sample(model, prompt_ids: Sequence[int], max_new_tokens: int, temperature: f
         step = torch.tensor([prompt], dtype=torch.long, device=device)
         for _ in range(max_new_tokens):
             logits = model(step, cache, last_only=True)[0, -1].float()
+            if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
+                raise NonFiniteLogits(f"the model produced non-finite logits (NaN or +inf) at new token "
+                                      f"{len(out) + 1}")
             if greedy:
                 token = int(logits.argmax())
             else:
@@ -151,8 +156,11 @@ def generate_main(argv: list[str]) -> int:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     model, _ = ckpt_lib.load_model(args.run_dir, args.checkpoint, device)
     t0 = time.perf_counter()
-    new = sample(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 greedy=args.greedy, seed=args.seed, eos_id=EOS)
+    try:
+        new = sample(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, greedy=args.greedy, seed=args.seed, eos_id=EOS)
+    except NonFiniteLogits as e:
+        raise nonfinite_error(model, str(ckpt), str(e)) from None
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

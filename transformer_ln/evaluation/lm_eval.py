@@ -16,6 +16,10 @@ token and their bytes count as zero. Bits per byte and word perplexity compare r
 Logits are computed in float32 without autocast, in eval mode, with no gradient. Under several processes each takes
 every N-th batch of blocks (disjoint), and the three sums are added with one ``accelerator.reduce``: every process
 loads the whole model (it is never sharded here).
+
+A non-finite summed NLL (NaN or +inf logits: non-finite weights, or an overflow) is never printed as a perplexity:
+``evaluate_lm`` raises ``search.NonFiniteLogits`` after the shards are summed (so every process raises it), and
+``evaluate_lm_run`` makes it one line naming the checkpoint; nothing is written.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from ..atomic import write_text
 from ..errors import UserError
 from ..runs import checkpoint as ckpt_lib
 from ..runs.rundir import RunDir
+from .search import NonFiniteLogits, nonfinite_error
 
 EVAL_MAX_TOKENS = 8192  # the least tokens a batch by default (logits: EVAL_MAX_TOKENS x vocabulary floats)
 
@@ -98,6 +103,9 @@ def evaluate_lm(model, data, split: str = "test", max_tokens: int = 4096, accele
         sums = accelerator.reduce(torch.tensor([nll, float(tokens)], dtype=torch.float64, device=device), "sum")
         nll, tokens = float(sums[0]), int(round(float(sums[1])))
     assert tokens == n_blocks * data.block_size, (tokens, n_blocks, data.block_size)
+    if not math.isfinite(nll):
+        raise NonFiniteLogits(f"the model produced non-finite logits: the summed negative log-likelihood of the "
+                              f"{tokens} tokens of {n_blocks} {split} block(s) is {nll}")
     coverage = tokens / s.n_tokens
     scores = lm_scores(nll, tokens, s.n_bytes * coverage, s.n_words * coverage)
     scores.update(blocks=n_blocks, block_size=data.block_size, coverage=coverage, bytes=s.n_bytes * coverage,
@@ -126,11 +134,16 @@ def evaluate_lm_run(run_dir: str | Path, split: str = "test", checkpoint: str = 
         raise UserError(f"max_tokens: got {max_tokens}, must be a positive number of tokens")
     if limit is not None and limit <= 0:
         raise UserError(f"--limit: got {limit}, must be a positive number of blocks")
+    where = f"{checkpoint} of {run.path}"
     if model is None:
+        where = str(ckpt_lib.resolve(run.path, checkpoint))
         model, cfg = ckpt_lib.load_model(run.path, checkpoint, device)
     data = prepare_lm_data(cfg, run.path, accelerator, progress=is_main)  # the run's cache, memory-mapped
     max_tokens = max_tokens or max(cfg.train.max_tokens, EVAL_MAX_TOKENS)
-    scores = evaluate_lm(model, data, split, max_tokens, accelerator, limit, progress=is_main)
+    try:
+        scores = evaluate_lm(model, data, split, max_tokens, accelerator, limit, progress=is_main)
+    except NonFiniteLogits as e:
+        raise nonfinite_error(model, where, str(e)) from None
     scores = {"task": "language_model", "split": split, "checkpoint": checkpoint, "limit": limit or None,
               "n": scores["blocks"], **scores}
     if is_main:

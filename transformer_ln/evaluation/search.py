@@ -9,6 +9,11 @@ hypotheses are finished or its maximum length is reached, and the best finished 
 the top ``2 * beam`` extensions of all beams; EOS among the top ``beam`` of them are finished, the best ``beam``
 non-EOS ones continue. Finished sentences leave the batch, so the rest decode faster.
 
+Logits that are NaN or +inf (non-finite weights, or an overflow) cannot rank tokens: the search raises
+``NonFiniteLogits`` (checked after the first step and at the end, so without an extra device sync a step) instead of
+returning empty or arbitrary hypotheses. ``check_search`` refuses settings without a meaning (beam < 1, a negative or
+non-finite length penalty or length limit) with one ``ValueError`` naming the setting.
+
 ``use_cache=True`` feeds one new token per step and keeps keys and values in a ``DecoderCache``;
 ``use_cache=False`` recomputes the whole prefix each step. Both give the same output; the second is the baseline
 of ``benchmarks/decode.py``.
@@ -16,6 +21,8 @@ of ``benchmarks/decode.py``.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import warnings
 from typing import Iterator
 
@@ -23,7 +30,62 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["greedy_search", "beam_search", "max_lengths"]
+from ..errors import UserError
+
+__all__ = ["greedy_search", "beam_search", "max_lengths", "check_search", "NonFiniteLogits",
+           "nonfinite_error"]
+
+
+class NonFiniteLogits(ValueError):
+    """The model produced NaN or +inf logits, so no token can be ranked (its weights are non-finite, or a layer
+    overflowed). The evaluation commands turn it into one line naming the checkpoint."""
+
+
+def check_search(beam: int = 1, lenpen: float = 1.0, max_len_a: float = 0.0, max_len_b: int = 0) -> None:
+    """One ``ValueError`` ``"<setting>: got <value>, must be ..."`` for the first setting without a meaning."""
+    if isinstance(beam, bool) or not isinstance(beam, numbers.Integral) or beam < 1:
+        raise ValueError(f"beam: got {beam!r}, must be a whole number >= 1 (1: greedy)")
+    if isinstance(lenpen, bool) or not isinstance(lenpen, numbers.Real) or not (math.isfinite(lenpen)
+                                                                                 and lenpen >= 0):
+        raise ValueError(f"lenpen: got {lenpen!r}, must be a finite number >= 0 (finished hypotheses score "
+                         "log-probability / length^lenpen: 0 none, 1 per token; < 1 favours shorter output, "
+                         "> 1 longer)")
+    if isinstance(max_len_a, bool) or not isinstance(max_len_a, numbers.Real) or not (math.isfinite(max_len_a)
+                                                                                       and max_len_a >= 0):
+        raise ValueError(f"max_len_a: got {max_len_a!r}, must be a finite number >= 0 (longest output: "
+                         "max_len_a * source length + max_len_b tokens)")
+    if isinstance(max_len_b, bool) or not isinstance(max_len_b, numbers.Integral) or max_len_b < 0:
+        raise ValueError(f"max_len_b: got {max_len_b!r}, must be a whole number >= 0 (longest output: "
+                         "max_len_a * source length + max_len_b tokens)")
+
+
+def nonfinite_error(model, checkpoint: str, detail: str) -> UserError:
+    """One line for a model that produced non-finite logits (``detail`` says where): the checkpoint's non-finite
+    weights (how many, in which tensors) when it has any, else an overflow with finite weights; and what to do."""
+    bad = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad[name] = n
+    todo = ("use another checkpoint (--checkpoint update_<n>, one from before the weights went bad) or retrain; "
+            "`transformer-ln analyze curves RUN` shows where the run went wrong")
+    if bad:
+        first = ", ".join(list(bad)[:2]) + (", ..." if len(bad) > 2 else "")
+        return UserError(f"checkpoint {checkpoint} has non-finite weights ({sum(bad.values())} NaN/inf values in "
+                         f"{len(bad)} tensor(s): {first}): {detail}, so its outputs are meaningless; {todo}")
+    return UserError(f"checkpoint {checkpoint}: {detail} although its weights are finite (an overflow in the "
+                     f"forward pass), so its outputs are meaningless; {todo}")
+
+
+def _nonfinite(lprobs: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor (no sync): any NaN among log-probabilities, i.e. a NaN or +inf logit."""
+    return torch.isnan(lprobs).any()
+
+
+def _raise_if(flag: torch.Tensor, step: int) -> None:
+    if bool(flag):
+        raise NonFiniteLogits(f"the model produced non-finite logits (NaN or +inf) by decoding step {step + 1}")
 
 
 @contextlib.contextmanager
@@ -66,16 +128,19 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _step_lprobs(model: nn.Module, tokens: torch.Tensor, step: int, memory: torch.Tensor, src: torch.Tensor,
-                 cache, banned: list[int], eos: int, forced_end: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (rows, V) of the token after position ``step``, with fairseq's bans applied."""
+                 cache, banned: list[int], eos: int, forced_end: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (rows, V) of the token after position ``step``, with fairseq's bans applied; ``bad``
+    (0-d bool) is or-ed in place with whether any of them is NaN."""
     inp = tokens[:, step:step + 1] if cache is not None else tokens[:, :step + 1]
     lprobs = _log_softmax(model.decode(inp, memory, src, cache, last_only=True))
+    bad |= _nonfinite(lprobs)
     return _apply_bans(lprobs, step, banned, eos, forced_end)
 
 
 def greedy_search(model: nn.Module, src: torch.Tensor, max_len_a: float = 1.2, max_len_b: int = 10, bos: int = 1,
                   eos: int = 2, use_cache: bool = True) -> list[list[int]]:
     """Best token at every step; equals ``beam_search(..., beam=1)``. Returns token ids without BOS/EOS."""
+    check_search(1, 1.0, max_len_a, max_len_b)
     with _inference(model):
         B = src.shape[0]
         pad, dev = model.cfg.pad_id, src.device
@@ -88,13 +153,17 @@ def greedy_search(model: nn.Module, src: torch.Tensor, max_len_a: float = 1.2, m
         tokens[:, 0] = bos
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         banned = sorted({pad, bos} - {eos})
+        bad = torch.zeros((), dtype=torch.bool, device=dev)
         for step in range(T + 1):
-            lprobs = _step_lprobs(model, tokens, step, memory, src, cache, banned, eos, max_len <= step)
+            lprobs = _step_lprobs(model, tokens, step, memory, src, cache, banned, eos, max_len <= step, bad)
+            if step == 0:
+                _raise_if(bad, step)
             nxt = lprobs.argmax(dim=-1).masked_fill(finished, pad)
             tokens[:, step + 1] = nxt
             finished |= nxt == eos
             if bool(finished.all()):
                 break
+        _raise_if(bad, step)
         out = []
         for row in tokens[:, 1:].tolist():
             out.append(row[:row.index(eos)] if eos in row else [t for t in row if t != pad])
@@ -111,8 +180,7 @@ def beam_search(model: nn.Module, src: torch.Tensor, beam: int = 5, lenpen: floa
     change. Same output; on a CPU it runs the same static path without a graph (for tests). It is off by default
     until ``tests/test_search.py::test_cuda_graph_beam_equals_eager_beam`` has run on a GPU.
     """
-    if beam < 1:
-        raise ValueError(f"beam: got {beam}, must be >= 1")
+    check_search(beam, lenpen, max_len_a, max_len_b)
     with _inference(model):
         return _beam_search(model, src, beam, lenpen, max_len_a, max_len_b, bos, eos, use_cache, cuda_graph)
 
@@ -218,6 +286,7 @@ def _beam_search(model: nn.Module, src: torch.Tensor, K: int, lenpen: float, max
     finals: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     beam_ids = torch.arange(K, device=dev)
     rank = torch.arange(2 * K, device=dev)
+    bad = torch.zeros((), dtype=torch.bool, device=dev)  # any NaN log-probability so far (checked at 0 and the end)
 
     for step in range(T + 1):
         n = len(sent)
@@ -225,6 +294,9 @@ def _beam_search(model: nn.Module, src: torch.Tensor, K: int, lenpen: float, max
         lprobs = stepper(tokens, step)
         if static and n * K < lprobs.shape[0]:
             lprobs = lprobs.index_select(0, live_rows)
+        bad |= _nonfinite(lprobs)
+        if step == 0:
+            _raise_if(bad, step)
         forced = (max_len_t[sent_t] <= step).repeat_interleave(K)
         lprobs = _apply_bans(lprobs, step, banned, eos, forced)
         V = lprobs.shape[1]
@@ -276,4 +348,5 @@ def _beam_search(model: nn.Module, src: torch.Tensor, K: int, lenpen: float, max
         cum[new_rows] = sel_scores.view(-1)
         stepper.reorder(order, reduced)
 
+    _raise_if(bad, step)
     return [max(f, key=lambda h: h[0])[1] if f else [] for f in finals]
