@@ -18,8 +18,8 @@ from .attached import (site_components, site_dependency, site_gradient_norms, si
                        site_values, verify_sites)
 from .batch import batch_inputs, random_batch, random_batch_for, random_blocks
 from .dependency import beta_from_stds, residual_components, residual_dependency, residual_stds
-from .depth_stats import (angular_distances, attention_logits, block_streams, hidden_state_stats, layer_removal,
-                          log_partition)
+from .depth_stats import (angular_distances, attention_logits, block_streams, hidden_state_stats, jsonable,
+                          layer_removal, log_partition)
 from .depth_sweep import build_model, depth_sweep
 from .families import attach
 from .grad_norms import GradNormCallback, gradient_norms
@@ -35,4 +35,4 @@ __all__ = ["random_batch", "random_blocks", "random_batch_for", "batch_inputs", 
            "attach", "Declaration", "Site", "Sites", "SitesError", "site_components", "site_dependency",
            "site_gradient_norms", "site_output_change", "site_stds", "site_values", "verify_sites",
            "angular_distances", "attention_logits", "block_streams", "hidden_state_stats", "layer_removal",
-           "log_partition"]
+           "log_partition", "jsonable"]

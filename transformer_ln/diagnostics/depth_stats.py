@@ -32,9 +32,20 @@ from torch import nn
 from .attached import _loss, as_sites
 from .hooks import mode as train_mode
 from .hooks import registered_hooks
-from .sites import QK, Sites, SitesError, Tap, block_in, first
+from .sites import QK, SitesError, Tap, block_in
 
 TOKENS = ("all", "last")
+
+
+def jsonable(value):
+    """A result of these analyses as plain JSON: arrays to lists, NaN and infinities to None (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value.item() if isinstance(value, np.generic) else value
 
 
 @torch.no_grad()

@@ -73,13 +73,16 @@ class Tap:
                          f"({self.kw or 'positional'}); the site's tap does not match this model's code")
 
     def register(self, hooks, fn: Callable[[Any], None]) -> None:
-        """Call ``fn(value)`` each time the module runs (handles go to a ``registered_hooks()`` set)."""
+        """Call ``fn(value)`` each time the module runs (handles go to a ``registered_hooks()`` set); the hooks
+        return None, so the model's values are never replaced."""
         if self.where == "in":
-            def pre(module, args, kwargs):
+            def pre(module, args, kwargs) -> None:
                 fn(self.pick(self.raw(args, kwargs)))
             hooks.handles.append(self.module.register_forward_pre_hook(pre, with_kwargs=True))
         else:
-            hooks.handles.append(self.module.register_forward_hook(lambda m, i, out: fn(self.pick(out))))
+            def post(module, args, output) -> None:
+                fn(self.pick(output))
+            hooks.handles.append(self.module.register_forward_hook(post))
 
 
 @dataclass(eq=False)
@@ -297,7 +300,8 @@ def taps(block: nn.Module, specs: list[dict]) -> list[dict]:
             s = Tap(block)
         else:
             s = Tap(specs[k + 1]["branch"], "in")
-        out.append({**spec, "x": spec.get("x") or x, "a": spec.get("a") or Tap(spec["branch"]), "s": spec.get("s") or s})
+        out.append({**spec, "x": spec.get("x") or x, "a": spec.get("a") or Tap(spec["branch"]),
+                    "s": spec.get("s") or s})
     return out
 
 
