@@ -49,7 +49,7 @@ def jsonable(value):
 
 
 @torch.no_grad()
-def block_streams(sites, inputs, keep=None) -> dict[str, list[torch.Tensor]]:
+def block_streams(sites, inputs) -> dict[str, list[torch.Tensor]]:
     """``{stack: [h_0, h_1, ..., h_L]}``: float64 (B, T, D) tensors of one eval forward (module docstring)."""
     sites = as_sites(sites)
     found: dict[str, list] = {}
