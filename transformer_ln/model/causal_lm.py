@@ -81,6 +81,13 @@ class CausalLM(_Stack):
         self.batch_stats = any(layer.batch_stats for layer in self.layers)
         init_weights(self)
 
+    def rope(self, offset: int | torch.Tensor, length: int, x: torch.Tensor):
+        """(cos, sin) for ``length`` tokens from ``offset``, or None without rotary positions; slices of cached
+        tables for an int offset (``Rotary.span``), computed from the positions for a tensor one."""
+        if self.rotary is None or isinstance(offset, torch.Tensor):
+            return super().rope(offset, length, x)
+        return self.rotary.span(offset, length, x.dtype, x.device)
+
     def output_weight(self) -> torch.Tensor:
         """The (V, D) matrix that turns the last hidden states into logits."""
         return self.embed.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

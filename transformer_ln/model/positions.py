@@ -85,6 +85,9 @@ class Rotary(nn.Module):
         if d_head % 2:
             raise ValueError(f"rotary positions need an even head width, got {d_head}")
         self.d_head, self.theta = d_head, float(theta)
+        # (dtype, device) -> (cos, sin) of positions 0..n-1, for ``span``. Not a buffer: a model.to(dtype) would
+        # round a buffer, and a float64 model must get tables computed in float64 as ``forward`` computes them.
+        self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) int -> cos, sin: (T, d_head) in ``dtype``."""
@@ -92,6 +95,28 @@ class Rotary(nn.Module):
         angles = positions.to(torch.float64)[:, None] * self.theta ** -exponents[None, :]
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def span(self, offset: int, length: int, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of positions offset..offset+length-1, as row slices of tables kept per dtype and device.
+
+        Why: the tables were recomputed (in float64, a dozen small kernels) at every forward, which is every token
+        in generation. Each row is the same elementwise computation whatever the table's length, so a slice is
+        bit-identical to ``forward``. A table grows (doubling) when a longer span is asked for. Under
+        ``torch.compile`` the tables are computed in the graph as before.
+        """
+        end = offset + length
+        if torch.compiler.is_compiling():
+            return self.forward(torch.arange(offset, end, device=device), dtype)
+        key = (dtype, torch.device(device))
+        tables = self._tables.get(key)
+        if tables is None or tables[0].shape[0] < end:
+            n = max(end, 2 * tables[0].shape[0] if tables is not None else 256)
+            with torch.inference_mode(False), torch.no_grad():  # usable by autograd after inference mode
+                tables = self.forward(torch.arange(n, device=device), dtype)
+            self._tables[key] = tables
+        cos, sin = tables
+        return cos[offset:end], sin[offset:end]
 
     def extra_repr(self) -> str:
         return f"d_head={self.d_head}, theta={self.theta}"
