@@ -34,6 +34,7 @@ import torch
 from datasets import Dataset, Features, Sequence as ListOf, Value, concatenate_datasets
 from tokenizers import Tokenizer
 
+from ..atomic import no_space, tree_size
 from ..config.run_config import DataConfig
 from ..errors import UserError
 from .batching import TokenBatchSampler
@@ -205,8 +206,12 @@ def build_prepared(data_cfg: DataConfig, out: Path, num_proc: int = 1, progress:
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty directory the user made for us
         os.replace(tmp, out)  # atomic: `out` is complete or absent
-    except BaseException:
+    except BaseException as e:
+        written = tree_size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        full = no_space(e, out, written, "free some space (or set data.cache_dir elsewhere) and run again", True)
+        if full is not None:  # a full disk is one line, not a traceback from deep in datasets or torch
+            raise UserError(str(full)) from None
         raise
     finally:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..atomic import write_text
+from ..atomic import no_space, write_text, write_with
 from ..config.sections import CONFIG_FILE
 from ..errors import UserError
 
@@ -28,6 +28,13 @@ from ..errors import UserError
 BLEU_HEADER = ("| file | split | checkpoint | sentences | beam | BLEU | chrF |", "|---|---|---|---|---|---|---|")
 PPL_HEADER = ("| file | split | checkpoint | tokens | perplexity | bits/byte | word perplexity |",
               "|---|---|---|---|---|---|---|")
+
+
+def no_space_error(exc: BaseException, path: Path, needed: Optional[int] = None,
+                   then: str = "free some space and run the command again") -> Optional[UserError]:
+    """``exc`` as one line naming ``path`` and the space it needs when it is a write that lacked space, else None."""
+    full = no_space(exc, path, needed, then)
+    return None if full is None else UserError(str(full))
 
 
 class RunDir:
@@ -58,11 +65,10 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     def __str__(self) -> str:
         return str(self.path)
+
+    __fspath__ = __str__
 
     config = property(lambda self: self.path / self.CONFIG)
     tokenizer = property(lambda self: self.path / self.TOKENIZER)
@@ -265,8 +271,7 @@ class RunLock:
     """``O_EXCL`` lock file holding the owner's pid, host and process start time; released on exit."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.held = False
+        self.path, self.held = Path(path), False
         self.note: Optional[str] = None
 
     def _read(self) -> Optional[dict]:
@@ -277,55 +282,68 @@ class RunLock:
         except (OSError, ValueError):
             return None
 
+    def _create(self, me: dict) -> bool:
+        """Create the lock holding ``me``; False when it exists. A write that fails (a full disk) leaves no lock."""
+        data = json.dumps(me) + "\n"
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(data)
+            except BaseException:
+                self.path.unlink(missing_ok=True)
+                raise
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise (no_space_error(e, self.path, len(data), "free some space and start the run again") or UserError(
+                f"cannot write to {self.path.parent}: {e.strerror or e}; choose a writable train.out_dir")) from None
+
     def acquire(self) -> "RunLock":
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
               "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         run = self.path.parent
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if holder == {}:
-                    continue  # released in between
-                if holder is None or "pid" not in holder:  # being written right now, or garbage
-                    if time.time() - self.path.stat().st_mtime < 10:
+        for _ in range(50):
+            if self._create(me):
+                self.held = True
+                atexit.register(self.release)
+                return self
+            holder = self._read()
+            if holder == {}:
+                continue  # released in between
+            if holder is None or "pid" not in holder:  # unreadable: being written right now, or garbage
+                try:
+                    if time.time() - self.path.stat().st_mtime < 2:  # a fresh one, for up to 2 s; then taken over
                         time.sleep(0.2)
                         continue
-                    holder = {"pid": "?", "host": "?", "since": "?"}
-                elif holder.get("host") != me["host"]:
-                    raise UserError(f"{run} is in use by pid {holder['pid']} on host {holder.get('host')} since "
-                                    f"{holder.get('since')}; if no run is using it there, delete {self.path}")
-                elif holder["pid"] == me["pid"]:
-                    pass  # this very process (an earlier trainer in it that failed): ours to take
-                elif _alive(int(holder["pid"]), holder.get("start")):
-                    raise UserError(f"{run} is in use by another run (pid {holder['pid']}, since "
-                                    f"{holder.get('since')}); two runs must not share a directory: wait for it to "
-                                    "end, stop it, or choose another train.out_dir")
-                if holder["pid"] != me["pid"]:
-                    self.note = (f"note: took over a stale lock in {run}: pid {holder['pid']} (since "
-                                 f"{holder.get('since')}) is no longer running, so it was killed or crashed")
-                try:
-                    os.unlink(self.path)
                 except FileNotFoundError:
-                    pass
-                continue
-            except OSError as e:
-                raise UserError(f"cannot write to {run}: {e.strerror or e}; choose a writable train.out_dir") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(me) + "\n")
-            self.held = True
-            atexit.register(self.release)
-            return self
+                    continue
+                holder = {"pid": "?", "host": "?", "since": "?"}
+            elif holder.get("host") != me["host"]:
+                raise UserError(f"{run} is in use by pid {holder['pid']} on host {holder.get('host')} since "
+                                f"{holder.get('since')}; if no run is using it there, delete {self.path}")
+            elif holder["pid"] == me["pid"]:
+                pass  # this very process (an earlier trainer in it that failed): ours to take
+            elif _alive(int(holder["pid"]), holder.get("start")):
+                raise UserError(f"{run} is in use by another run (pid {holder['pid']}, since "
+                                f"{holder.get('since')}); two runs must not share a directory: wait for it to "
+                                "end, stop it, or choose another train.out_dir")
+            if holder["pid"] == "?":
+                self.note = (f"note: took over an unreadable lock in {run} (empty or garbled: a process was killed "
+                             "while writing it, or the disk was full)")
+            elif holder["pid"] != me["pid"]:
+                self.note = (f"note: took over a stale lock in {run}: pid {holder['pid']} (since "
+                             f"{holder.get('since')}) is no longer running, so it was killed or crashed")
+            self.path.unlink(missing_ok=True)
         raise UserError(f"could not take the lock {self.path}: other processes keep creating it")
 
     def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        holder = self._read()
-        if holder and holder.get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
+        if self.held:
+            self.held = False
+            holder = self._read()
+            if holder and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -338,13 +356,19 @@ class MetricsWriter:
     """
 
     def __init__(self, path: Path, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
+        self.path, self.enabled = Path(path), enabled
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        line, size = (json.dumps(record) + "\n").encode("utf-8"), self.size()
+        try:
+            with open(self.path, "ab") as f:
+                f.write(line)
+        except OSError as e:
+            os.truncate(self.path, size)  # no half line: the file ends where it did
+            raise no_space_error(e, self.path, len(line), "free some space, then resume: transformer-ln train "
+                                 f"--resume {self.path.parent}") or e from None
 
     def size(self) -> int:
         return self.path.stat().st_size if self.path.is_file() else 0
@@ -364,9 +388,7 @@ class MetricsWriter:
                             if line.endswith(b"\n") and _update_of(line) <= update)
         if kept == data:
             return 0
-        from ..atomic import write_with
-
-        write_with(self.path, lambda tmp: tmp.write_bytes(kept))
+        write_with(self.path, lambda tmp: tmp.write_bytes(kept), size=len(kept))  # lacking space: OutOfSpace
         return data.count(b"\n") - kept.count(b"\n")
 
 
@@ -376,5 +398,3 @@ def _update_of(line: bytes) -> float:
     except (ValueError, AttributeError):
         return float("inf")
 
-
-# ------------------------------------------------------------------------------------------------------ summary
