@@ -10,7 +10,10 @@ optimizer, RNG per process) plus the trainer's position, in safe formats:
     trainer_state.json     update, epoch, batches consumed in the epoch, best valid loss, tokens, wall time
     config.yaml            the run's resolved config
 
-It is written under a temporary name and renamed into place, so a crash leaves either the old or the new one.
+It is written under a temporary name and renamed into place, so a crash leaves either the old or the new one, and
+a full disk leaves the old ones and one line naming the folder and the space it needs (every process agrees first).
+A reader (``load_model``, ``average_checkpoints``) that finds the checkpoint it chose replaced or pruned by the
+running trainer meanwhile reads again from the newest complete one.
 ``best`` is a copy of the checkpoint with the lowest validation loss; ``averaged`` the mean of the last N. This
 module is the format; ``training.checkpointer`` decides when to write, gathers the state under FSDP and keeps
 ``best``.
@@ -18,19 +21,22 @@ module is the format; ``training.checkpointer`` decides when to write, gathers t
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model as st_load_model, save_file, save_model as st_save_model
 
-from ..atomic import replace_dir
+from ..atomic import replace_dir, tree_size
 from ..config.run_config import ConfigError, RunConfig
 from ..config.parser import Parser
 from ..errors import UserError
-from .rundir import RunDir
+from .rundir import RunDir, no_space_error
 
 PREFIX = RunDir.UPDATE_PREFIX
 
@@ -69,27 +75,74 @@ def save_checkpoint(run_dir: Path, update: int, whole: torch.nn.Module | None, o
     """Write ``checkpoints/update_<update>`` atomically; every process writes its RNG, the main one the rest.
 
     ``whole`` is the whole model and ``optim_state`` the whole optimizer's ``state_dict()`` (under FSDP gathered
-    onto the main process first; the other processes pass what they have). Every process must call it.
+    onto the main process first; the other processes pass what they have). Every process must call it. A write
+    that lacks space removes the half-written folder and raises one ``UserError`` line on every process.
     """
     is_main = accelerator is None or accelerator.is_main_process
     rank = 0 if accelerator is None else accelerator.process_index
     final = checkpoints_dir(run_dir) / f"{PREFIX}{update:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    err = None
+    try:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        err = e
     _barrier(accelerator)
-    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
-    if is_main:
-        st_save_model(whole, str(tmp / "model.safetensors"))
-        torch.save(optim_state, tmp / "optimizer.pt")
-        (tmp / RunDir.STATE).write_text(json.dumps(trainer_state, indent=1))
-        cfg.save(tmp / RunDir.CONFIG)
-    _barrier(accelerator)
+    try:
+        if err is None:
+            _save_tensors(rng_state(), tmp / f"rng_{rank}.pt")
+        if err is None and is_main:
+            st_save_model(whole, str(tmp / "model.safetensors"))
+            _save_tensors(optim_state, tmp / "optimizer.pt")
+            (tmp / RunDir.STATE).write_text(json.dumps(trainer_state, indent=1))
+            cfg.save(tmp / RunDir.CONFIG)
+    except Exception as e:
+        err = e
+        if is_main:  # first, so the free space reported is what a retry would have
+            shutil.rmtree(tmp, ignore_errors=True)
+    needed = (_nbytes(whole.state_dict()) if whole is not None else 0) + _nbytes(optim_state) + (64 << 10)
+    full = err and no_space_error(err, final, needed, f"the older checkpoints are kept; free some space, then "
+                                                      f"resume: transformer-ln train --resume {run_dir}")
+    failed = _agree(accelerator, str(full) if full else (f"process {rank} failed to write {final}" if err else None))
+    if failed:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if err is not None and full is None:
+            raise err
+        raise UserError(failed)
     if is_main:
         replace_dir(tmp, final)
     _barrier(accelerator)
     return final
+
+
+def _save_tensors(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so a failed write keeps its ``OSError`` (torch's own writer says only
+    "unexpected pos" or "iostream error")."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _nbytes(obj) -> int:
+    """Bytes in the tensors of a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _agree(accelerator, failure: Optional[str]) -> Optional[str]:
+    """The first process's failure, told to every process (a collective), or None when all succeeded."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return failure
+    from accelerate.utils import gather_object
+
+    return next((f for f in gather_object([failure]) if f), None)
 
 
 def _barrier(accelerator) -> None:
@@ -103,11 +156,17 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 
 def copy_as(src: Path, name: str) -> Path:
-    """Copy a checkpoint to ``checkpoints/<name>`` atomically (used for ``best``)."""
+    """Copy a checkpoint to ``checkpoints/<name>`` atomically (used for ``best``); lacking space, one line."""
     final = src.parent / name
     tmp = src.parent / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    try:
+        shutil.copytree(src, tmp)
+    except (OSError, shutil.Error) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = no_space_error(e, final, tree_size(src), f"{src.name} itself is complete; free some space, then "
+                                                       f"resume: transformer-ln train --resume {src.parent.parent}")
+        raise err or e from None
     replace_dir(tmp, final)
     return final
 
@@ -125,7 +184,7 @@ def resolve(run_dir: str | Path, which: str = RunDir.BEST) -> Path:
         if not found:
             raise UserError(f"{run_dir} has no checkpoints yet (expected {checkpoints_dir(run_dir)}/update_*)")
         return found[-1]
-    path = checkpoints_dir(run_dir) / which
+    path = _settled(checkpoints_dir(run_dir) / which)
     if which == RunDir.BEST and not path.is_dir():
         return resolve(run_dir, "last")
     if not (path / "model.safetensors").is_file():
@@ -133,6 +192,41 @@ def resolve(run_dir: str | Path, which: str = RunDir.BEST) -> Path:
         raise UserError(f"no checkpoint {which!r} in {run_dir}; available: {', '.join(have) or 'none'} "
                         "(or best/last; run `transformer-ln average RUN --last N` for averaged)")
     return path
+
+
+def _settled(path: Path) -> Path:
+    """``path``, or while ``replace_dir`` swaps it (an instant: ``path`` absent, ``path.old`` complete) the new one
+    once it is in place, or the old one if the writer was killed in between."""
+    old = path.with_name(path.name + ".old")
+    for _ in range(20):
+        if path.is_dir() or not old.is_dir():
+            return path
+        time.sleep(0.05)
+    return old if old.is_dir() else path
+
+
+def _identity(ckpt: Path) -> tuple:
+    """What changes when a checkpoint folder is replaced, pruned or rewritten (inode and time of its weights)."""
+    try:
+        st, weights = os.stat(ckpt), os.stat(Path(ckpt) / "model.safetensors")
+        return str(ckpt), st.st_ino, weights.st_ino, weights.st_mtime_ns, weights.st_size
+    except OSError:
+        return str(ckpt), None
+
+
+def read_settled(run_dir: str | Path, which: str, read, tries: int = 10):
+    """``read(folder)`` of the checkpoint ``which`` names. A running trainer may replace (``best``) or prune
+    (``last``, ``update_<n>``) that folder while it is read: when the read fails and the folder changed meanwhile,
+    it is read again from what ``which`` names now (the newest complete one); a corrupt folder fails at once."""
+    for attempt in range(tries):
+        ckpt = resolve(run_dir, which)
+        before = _identity(ckpt)
+        try:
+            return read(ckpt)
+        except UserError:
+            if attempt == tries - 1 or (_identity(ckpt) == before and resolve(run_dir, which) == ckpt):
+                raise
+        time.sleep(0.05 * (attempt + 1))
 
 
 def load_run_config_from(ckpt_or_run: Path) -> RunConfig:
@@ -176,10 +270,13 @@ def load_model(run_dir: str | Path, which: str = RunDir.BEST, device: str | torc
     """Rebuild a trained model from its run directory: ``(model in eval mode, RunConfig)``."""
     from ..model.causal_lm import build_model
 
-    ckpt = resolve(run_dir, which)
-    cfg = load_run_config_from(ckpt)
-    model = build_model(cfg.model)  # the model of the run's task (``training.task`` builds the same)
-    load_weights(model, ckpt)
+    def read(ckpt: Path):
+        cfg = load_run_config_from(ckpt)
+        model = build_model(cfg.model)  # the model of the run's task (``training.task`` builds the same)
+        load_weights(model, ckpt)
+        return model, cfg
+
+    model, cfg = read_settled(run_dir, which, read)
     return model.to(device).eval(), cfg
 
 
@@ -214,17 +311,15 @@ def average_checkpoints(run_dir: str | Path, last: int) -> Path:
     if len(found) < last:
         raise UserError(f"{run_dir} holds {len(found)} update checkpoints, fewer than --last {last}; "
                         "raise train.keep_last to keep more")
-    chosen = found[-last:]
-    total: dict[str, torch.Tensor] = {}
-    for ckpt in chosen:
+    for attempt in range(10):  # the trainer may prune the oldest chosen one meanwhile: then the newest N again
+        chosen = update_checkpoints(Path(run_dir))[-last:]
         try:
-            tensors = load_file(str(ckpt / "model.safetensors"))
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"cannot read {ckpt}/model.safetensors: {e}") from None
-        for k, v in tensors.items():
-            total[k] = total[k] + v.double() if k in total else v.double()
-    first = load_file(str(chosen[0] / "model.safetensors"))
-    averaged = {k: (v / last).to(first[k].dtype) for k, v in total.items()}
+            averaged = _mean_weights(chosen)
+            break
+        except UserError:
+            now = update_checkpoints(Path(run_dir))[-last:]
+            if attempt == 9 or (now == chosen and all(p.is_dir() for p in chosen)):
+                raise
     out = checkpoints_dir(Path(run_dir)) / RunDir.AVERAGED
     tmp = out.with_name(f".{RunDir.AVERAGED}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -233,6 +328,20 @@ def average_checkpoints(run_dir: str | Path, last: int) -> Path:
     shutil.copy(chosen[-1] / RunDir.CONFIG, tmp / RunDir.CONFIG)
     replace_dir(tmp, out)
     return out
+
+
+def _mean_weights(chosen: list[Path]) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for ckpt in chosen:
+        try:
+            tensors = load_file(str(ckpt / "model.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"cannot read {ckpt}/model.safetensors: {e}") from None
+        for k, v in tensors.items():
+            dtypes.setdefault(k, v.dtype)
+            total[k] = total[k] + v.double() if k in total else v.double()
+    return {k: (v / len(chosen)).to(dtypes[k]) for k, v in total.items()}
 
 
 def average_main(argv: list[str]) -> int:
