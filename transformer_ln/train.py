@@ -7,16 +7,23 @@ directory (names, lock, metrics, summary) is ``transformer_ln.runs.rundir``; the
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
+# First, before the trainer's imports: a worker of `accelerate launch` whose launcher dies (even by kill -9, even
+# now, while Python is still importing) stops instead of training on as an orphan (issue 26)
+from .training.launcher import exit_when_launcher_dies, single_process_launch
 
-from .config.run_config import DEMO as _DEMO, RunConfig
-from .errors import UserError
-from .runs.rundir import RunDir
-from .training.state import State  # noqa: F401  (the public names of the trainer)
-from .training.trainer import Trainer, UpdateContext  # noqa: F401
+exit_when_launcher_dies()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from .atomic import OutOfSpace  # noqa: E402
+from .config.run_config import DEMO as _DEMO, RunConfig  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .runs.rundir import RunDir  # noqa: E402
+from .training.state import State  # noqa: E402, F401  (the public names of the trainer)
+from .training.trainer import Trainer, UpdateContext  # noqa: E402, F401
 
 # What `transformer-ln train` runs without a CONFIG on the built-in corpus (or with --demo); kept here by name
 DEMO = _DEMO
@@ -66,6 +73,29 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except OutOfSpace as e:  # a full disk anywhere in the run: one line naming the path and the space it needs
+        _end_progress_bars()
+        raise UserError(str(e)) from None
+    except UserError:
+        _end_progress_bars()
+        raise
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error's line starts a line of its own."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+
+
+def _main(argv: list[str] | None) -> int:
+    alone = single_process_launch()
+    if alone:
+        raise UserError(alone)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     resolved = resolve_from_args(args)
     cfg = resolved.cfg
