@@ -50,3 +50,20 @@ def test_throughput_bad_arguments_say_what_is_wrong(argv, message, capsys):
         throughput.main(argv)
     text = str(exc.value.code) + capsys.readouterr().err
     assert message in text
+
+
+def test_lm_speed_script_compares_same_shaped_models(tmp_path):
+    pytest.importorskip("transformers")
+    import lm_speed
+
+    out = tmp_path / "lm_speed.json"
+    assert lm_speed.main(["--quick", "--steps", "1", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    info = json.loads(out.read_text())
+    for family in ("gpt2", "llama"):
+        ours, hf = f"ours-{family}", f"HF-{family}"
+        assert info["params"][ours] == info["params"][hf]  # the same shape on both sides
+        assert info["max_logit_diff"][family] < 1e-4  # and the same function
+        assert info["generation"][ours]["same_tokens_as_hf"]
+        for name in (ours, hf):
+            assert info["training"][name]["ms_per_step"] > 0 and info["generation"][name]["tokens_per_s"] > 0
+    assert "| LlamaForCausalLM |" in info["markdown"]
