@@ -1,4 +1,4 @@
-"""``transformer-ln analyze dependency|output-change|gradients|curves``: JSON plus PNG/PDF figures in ``--out``.
+"""``transformer-ln analyze dependency|output-change|gradients|<depth commands>|curves``: JSON and figures in ``--out``.
 
 A model comes either from a run directory (``--run DIR``, its best checkpoint) or is freshly initialised from the
 default config plus dotted overrides (``model.n_enc_layers=6 model.residual=admin``); Admin with profiled omega is
@@ -9,6 +9,9 @@ is "decoder".
 ``--seeds K`` repeats a measurement with seeds seed..seed+K-1 (model init, perturbation, dropout) and reports the
 mean and its 95% interval; ``output-change`` states its definition (``--preset ours|reference`` and the options that
 override it) in the JSON and the figure.
+``--hf DIR --text FILE`` runs every analysis command on a local Hugging Face model instead, the text's lines as the
+batch (``hf_cli``); the depth commands (hidden-states, angular, layer-removal, attention-logits, log-partition:
+``depth_cli``) run on any of the three sources.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ from ..runs.rundir import RunDir
 from .output_change import (DEFAULT_EPS, DISTANCES, MASKS, PADDINGS, PERTURBATIONS, PRESETS, READS, Definition,
                             definition)
 from .tables import dependency_table, depth_sweep_table, grad_norms_table, output_change_table
+from .depth_cli import HELP as DEPTH_HELP
+from .depth_cli import add_arguments as add_depth_arguments
+from .hf_cli import add_arguments as add_hf_arguments
 
 FIELDS_SET_BY_SWEEP = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
                        "n_dec_layers", "residual")
@@ -59,6 +65,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 HELP = {"dependency": "residual-branch dependency beta_{i,j} heatmaps",
         "output-change": "|F(x,W)-F(x,W*)| under a small weight perturbation (--depths: sweep over depth)",
         "gradients": "relative gradient norms per sub-layer",
+        **DEPTH_HELP,
         "curves": "overlay the training curves of run directories"}
 
 
@@ -70,6 +77,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, required=True, help="folder for the JSON and the figures")
         return p
     _common(p)
+    add_hf_arguments(p)
+    add_depth_arguments(p, command)
     if command in ("dependency", "output-change"):
         p.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+K-1 (model init, "
                        "perturbation, dropout) and report the mean and its 95%% interval (default 1)")
@@ -97,8 +106,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 def usage() -> str:
     width = max(map(len, HELP))
     lines = "\n".join(f"  {k.ljust(width)}  {v}" for k, v in HELP.items())
-    return (f"usage: transformer-ln analyze COMMAND [--run DIR | OVERRIDES...] --out DIR [options]\n\n"
-            f"commands:\n{lines}\n\nRun `transformer-ln analyze COMMAND --help` for a command's options.")
+    return (f"usage: transformer-ln analyze COMMAND [--run DIR | --hf DIR --text FILE | OVERRIDES...] --out DIR "
+            f"[options]\n\ncommands:\n{lines}\n\nModels: --run DIR, a run of ours; --hf DIR --text FILE, a local "
+            f"Hugging Face model\n(GPT-2, LLaMA/Mistral/Qwen2, BERT/RoBERTa, BART/Marian, T5) on the text's lines; neither: "
+            f"fresh models\nof ours on a random batch. Run `transformer-ln analyze COMMAND --help` for a command's "
+            f"options.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,11 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     command = argv[0]
-    if command not in COMMANDS:
-        raise UserError(f"transformer-ln analyze: invalid choice {command!r}; choose one of: {', '.join(COMMANDS)}")
+    if command not in HELP:
+        raise UserError(f"transformer-ln analyze: invalid choice {command!r}; choose one of: {', '.join(HELP)}")
     try:
         args = build_parser(command).parse_intermixed_args(argv[1:])
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    _report(COMMANDS[command](args))
+    if command in DEPTH_HELP or getattr(args, "hf", None) is not None:
+        from .depth_cli import run
+
+        _report(run(command, args, models))
+    else:
+        _report(COMMANDS[command](args))
     return 0
