@@ -100,17 +100,18 @@ def save_checkpoint(run_dir: Path, update: int, whole: torch.nn.Module | None, o
             cfg.save(tmp / RunDir.CONFIG)
     except Exception as e:
         err = e
-        if is_main:  # first, so the free space reported is what a retry would have
+        if accelerator is None or accelerator.num_processes == 1:  # so the free space reported is a retry's
             shutil.rmtree(tmp, ignore_errors=True)
     needed = (_nbytes(whole.state_dict()) if whole is not None else 0) + _nbytes(optim_state) + (64 << 10)
     full = err and no_space_error(err, final, needed, f"the older checkpoints are kept; free some space, then "
                                                       f"resume: transformer-ln train --resume {run_dir}")
-    failed = _agree(accelerator, str(full) if full else (f"process {rank} failed to write {final}" if err else None))
+    mine = str(full) if full else (f"process {rank} failed to write {final}: {err!r}" if err else None)
+    failed = _agree(accelerator, mine)
     if failed:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if err is not None and full is None:
-            raise err
+        if failed == mine and full is None:
+            raise err  # not a lack of space: the error itself, with its traceback
         raise UserError(failed)
     if is_main:
         replace_dir(tmp, final)

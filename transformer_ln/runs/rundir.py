@@ -271,8 +271,7 @@ class RunLock:
     """``O_EXCL`` lock file holding the owner's pid, host and process start time; released on exit."""
 
     def __init__(self, path: Path):
-        self.path, self.held = Path(path), False
-        self.note: Optional[str] = None
+        self.path, self.held, self.note = Path(path), False, None  # note: what acquire() took over, to print
 
     def _read(self) -> Optional[dict]:
         try:
@@ -366,7 +365,8 @@ class MetricsWriter:
             with open(self.path, "ab") as f:
                 f.write(line)
         except OSError as e:
-            os.truncate(self.path, size)  # no half line: the file ends where it did
+            if self.path.exists():
+                os.truncate(self.path, size)  # no half line: the file ends where it did
             raise no_space_error(e, self.path, len(line), "free some space, then resume: transformer-ln train "
                                  f"--resume {self.path.parent}") or e from None
 
