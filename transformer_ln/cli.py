@@ -24,14 +24,15 @@ COMMANDS = {
     "data": ("transformer_ln.data.cli", "main",
              "corpus statistics (stats); tokenize and encode once for many runs (prepare)"),
     "analyze": ("transformer_ln.diagnostics.cli", "main",
-                "output change, residual dependency, gradient norms, training curves"),
+                "dependency, output change, gradient norms, depth statistics, curves; our runs or --hf DIR"),
     "config": ("transformer_ln.config.cli", "main",
                "every config key: default, type, allowed values, help; --write a starter YAML"),
 }
 
 USAGE = """usage: transformer-ln COMMAND [ARGS...]
 
-Post-LN, Pre-LN and Admin encoder-decoder Transformers (Liu et al. 2020), with the paper's analysis tools.
+Post-LN, Pre-LN, Admin (Liu et al. 2020) and later schemes in encoder-decoder and decoder-only (GPT-2, LLaMA)
+Transformers, with the paper's analysis tools and today's, on our models or any Hugging Face model.
 
 commands:
 {commands}
@@ -44,6 +45,7 @@ Start with:
   transformer-ln train --cpu model.preset=gpt2 train.out_dir=runs/lm   # a decoder-only LM on the same corpus
   transformer-ln evaluate runs/lm --split test                          # perplexity, bits per byte
   transformer-ln generate runs/lm --prompt "the old man" --top-p 0.9
+  transformer-ln analyze hidden-states --hf ./my-llama --text sample.txt --out figs   # a local HF model
 Run `transformer-ln COMMAND --help` for a command's options, `transformer-ln config` for every setting
 (section.key, default, allowed values, help) and `transformer-ln config --write my.yaml` for a starter config.
 """
