@@ -13,14 +13,17 @@ a user's files safe:
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import json
 import os
+import re
+import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Optional
 
-from ..atomic import no_space, write_text, write_with
+from ..atomic import OutOfSpace, no_space, write_text, write_with
 from ..config.sections import CONFIG_FILE
 from ..errors import UserError
 
@@ -84,8 +87,6 @@ class RunDir:
                   lenpen: Optional[float] = None) -> str:
         """``test_best``, ``test_last_limit300``, ``valid_update_40_beam1``: one name per distinct evaluation, so a
         quick ``--limit`` or another checkpoint never overwrites the full score (beam/lenpen only when given)."""
-        import re
-
         parts = [split, re.sub(r"[^A-Za-z0-9_.-]+", "_", str(checkpoint)).strip("_.") or "checkpoint"]
         parts += [f"limit{limit}"] if limit else []
         parts += [f"beam{beam}"] if beam is not None else []
@@ -145,8 +146,6 @@ class RunDir:
     def tidy_checkpoints(self) -> list[str]:
         """After a crash: finish an interrupted replacement (``X.old`` without ``X`` becomes ``X`` again) and
         delete half-written ``*.tmp`` folders. Returns what it did, for the log."""
-        import shutil
-
         done = []
         if not self.checkpoints.is_dir():
             return done
@@ -180,8 +179,6 @@ class RunDir:
 
     def is_own(self, name: str) -> bool:
         """Whether ``name`` is one a run writes (so a fresh run may delete it)."""
-        import fnmatch
-
         return name in self.FILES or any(fnmatch.fnmatchcase(name, pat) for pat in self.EVAL_PATTERNS)
 
     best = property(lambda self: self.checkpoints / self.BEST)
@@ -220,8 +217,6 @@ class RunDir:
 
     def clear(self, names: list[str]) -> None:
         """Delete the run files ``names`` (a subset of ``FILES``), then mark the directory as a run's."""
-        import shutil
-
         for name in names:
             assert self.is_own(name), name
             p = self.path / name
@@ -230,8 +225,11 @@ class RunDir:
 
     def mark(self) -> None:
         if not self.marker.is_file():
-            write_text(self.marker, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                "by": "transformer-ln train"}) + "\n")
+            try:
+                write_text(self.marker, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                    "by": "transformer-ln train"}) + "\n")
+            except OutOfSpace as e:  # one line on every process (``RunOpening.agree`` passes on UserErrors)
+                raise UserError(f"{e}; free some space and run again") from None
 
     def lock(self) -> "RunLock":
         return RunLock(self.path / self.LOCK)
