@@ -5,6 +5,7 @@ that one check (see its docstring); the sharding, gathering and checkpointing ar
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,15 +44,19 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     data = prepare(tmp / "prepared", *COMMON)
     configs = {}
-    for name in ("fsdp", "ddp", "resumed"):
+    for name in ("fsdp", "ddp"):
         configs[name] = tmp / f"{name}.yaml"
         tiny_run_config(tmp / name, *COMMON, data).save(configs[name])
     logs = {"fsdp": launch(tmp, "fsdp", str(configs["fsdp"])),
-            "ddp": launch(tmp, "ddp", str(configs["ddp"]), fsdp=False),
-            "first": launch(tmp, "resumed 1", str(configs["resumed"]), "train.max_updates=3",
-                            "train.bleu_at_end=true", "train.beam=1")}  # decoding after a sharded run
-    logs["resumed"] = launch(tmp, "resumed 2", "--resume", str(tmp / "resumed"), "train.max_updates=6",
-                             "train.bleu_at_end=false")
+            "ddp": launch(tmp, "ddp", str(configs["ddp"]), fsdp=False)}
+    # The resumed run is the FSDP run as if killed after its checkpoint of update 3 (its checkpoint of update 6,
+    # best and summary gone, metrics.jsonl still holding updates 4-6): one launch fewer than training it to 3 first.
+    shutil.copytree(tmp / "fsdp", tmp / "resumed")
+    shutil.rmtree(tmp / "resumed" / "checkpoints" / "update_00000006")
+    shutil.rmtree(tmp / "resumed" / "checkpoints" / "best")
+    (tmp / "resumed" / "summary.json").unlink()
+    logs["resumed"] = launch(tmp, "resumed", "--resume", str(tmp / "resumed"), "train.bleu_at_end=true",
+                             "train.beam=1")  # and decoding after a sharded run
     return tmp, logs
 
 
@@ -93,7 +98,9 @@ def test_fsdp_shards_and_trains_as_ddp_does(runs):
 def test_fsdp_resume_is_bit_exact(runs):
     tmp, logs = runs
     assert "resumed from" in logs["resumed"].stderr + logs["resumed"].stdout
+    assert [r["update"] for r in metrics(tmp / "resumed")] == [1, 2, 3, 4, 5, 6]  # 4-6 truncated, trained again
     assert [r["loss"] for r in metrics(tmp / "resumed")] == [r["loss"] for r in metrics(tmp / "fsdp")]
+    assert json.loads((tmp / "resumed" / "summary.json").read_text())["updates"] == 6
     (wr, orr), (wf, of) = checkpoint(tmp / "resumed", 6), checkpoint(tmp / "fsdp", 6)
     assert all(torch.equal(wr[k], wf[k]) for k in wf)
     for i in of["state"]:
@@ -101,8 +108,6 @@ def test_fsdp_resume_is_bit_exact(runs):
 
 
 def test_a_run_trained_sharded_is_evaluated_and_resumed_unsharded(runs, tmp_path):
-    import shutil
-
     from transformer_ln.runs.checkpoint import load_model
     from transformer_ln.evaluation.evaluate import evaluate_run
     from transformer_ln.train import Trainer
