@@ -21,7 +21,7 @@ def test_the_translation_task_loss_is_torch_cross_entropy_with_label_smoothing(t
     cfg = tiny_run_config(tmp_path, "optim.label_smoothing=0.1", "model.src_vocab_size=50",
                           "model.tgt_vocab_size=50")
     task = get_task(cfg)
-    assert isinstance(task, TranslationTask) and set(TASKS) == {"translation"}
+    assert isinstance(task, TranslationTask) and set(TASKS) == {"translation", "language_model"}
     model = tiny_model("pre_ln").eval()
     g = torch.Generator().manual_seed(0)
     src, tgt = torch.randint(4, 50, (3, 7), generator=g), torch.randint(4, 50, (3, 6), generator=g)
