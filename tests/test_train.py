@@ -28,8 +28,27 @@ def metrics(run_dir, kind="train"):
 
 
 def cli(*args, env=None, cwd=REPO):
+    """``python -m transformer_ln.cli ARGS`` in a new process (interpreter start-up, exit status, stderr)."""
     return subprocess.run([sys.executable, "-m", "transformer_ln.cli", *args], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``transformer-ln ARGS`` in this process, the same ``main`` the command runs (no interpreter start-up of a
+    few seconds per call): exit status, stdout and stderr, as ``cli`` returns them. An exception that the command
+    would have shown as a traceback fails the test where it is raised."""
+    from transformer_ln.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out.out, out.err)
+    return run
 
 
 def prepare(out_dir, *overrides) -> str:
@@ -105,7 +124,7 @@ def test_two_processes_match_one_process_with_double_update_freq(tmp_path):
     assert [r["lr"] for r in metrics(tmp_path / "one")] == [r["lr"] for r in metrics(tmp_path / "two")]
 
 
-def test_translate_evaluate_and_average_end_to_end(tmp_path):
+def test_translate_evaluate_and_average_end_to_end(tmp_path, run_cli):
     prepared = prepare(tmp_path.with_name(tmp_path.name + "-prepared"))
     train(tmp_path, "train.max_updates=4", "train.save_every=1", "train.keep_last=3", prepared)
     assert not (tmp_path / "cache").exists()  # evaluation below reads the prepared directory's text too
@@ -115,11 +134,11 @@ def test_translate_evaluate_and_average_end_to_end(tmp_path):
     for k, v in out.items():
         torch.testing.assert_close(v, sum(t[k] for t in inputs) / 3, rtol=1e-6, atol=1e-7)
     (tmp_path / "in.txt").write_text("the small dog sees a cat .\nthree old men walk .\n")
-    res = cli("translate", str(tmp_path), "--input", str(tmp_path / "in.txt"), "--beam", "2",
-              "--checkpoint", "averaged")
+    res = run_cli("translate", str(tmp_path), "--input", str(tmp_path / "in.txt"), "--beam", "2",
+                  "--checkpoint", "averaged")
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.splitlines()) == 2
-    res = cli("evaluate", str(tmp_path), "--split", "test", "--limit", "20", "--beam", "2")
+    res = run_cli("evaluate", str(tmp_path), "--split", "test", "--limit", "20", "--beam", "2")
     assert res.returncode == 0, res.stderr
     scores = json.loads((tmp_path / "eval_test_best_limit20_beam2.json").read_text())
     assert scores["n"] == 20 and "nrefs:1" in scores["bleu_signature"]
@@ -134,7 +153,8 @@ def test_translate_evaluate_and_average_end_to_end(tmp_path):
     assert len(hyps) == 20
     assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=0.006)
     assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=0.006)
-    res = cli("analyze", "dependency", "--run", str(tmp_path), "--seq-len", "8", "--out", str(tmp_path / "an"))
+    res = run_cli("analyze", "dependency", "--run", str(tmp_path), "--seq-len", "8", "--out",
+                  str(tmp_path / "an"))
     assert res.returncode == 0 and (tmp_path / "an").is_dir(), res.stderr
 
 
@@ -146,20 +166,20 @@ def test_translate_evaluate_and_average_end_to_end(tmp_path):
     (["translate", "/nonexistent/run"], "does not exist"),
     (["average", "/nonexistent/run", "--last", "2"], "does not exist"),
 ])
-def test_bad_inputs_give_one_clear_message(args, needle):
-    res = cli(*args)
+def test_bad_inputs_give_one_clear_message(args, needle, run_cli):
+    res = run_cli(*args)
     assert res.returncode != 0
     assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
-def test_corrupt_checkpoint_and_changed_model_config_are_clear_errors(tmp_path):
+def test_corrupt_checkpoint_and_changed_model_config_are_clear_errors(tmp_path, run_cli):
     train(tmp_path, "train.max_updates=2")
-    res = cli("train", "--resume", str(tmp_path), "model.d_model=64", "--cpu")
+    res = cli("train", "--resume", str(tmp_path), "model.d_model=64", "--cpu")  # a real process, once
     assert res.returncode != 0 and "model.d_model" in res.stderr and "Traceback" not in res.stderr
     (update_checkpoints(tmp_path)[-1] / "model.safetensors").write_bytes(b"garbage")
     for args in (["translate", str(tmp_path), "--checkpoint", "last"],
                  ["train", "--resume", str(tmp_path), "--cpu", "train.max_updates=4"]):  # finished: must load to go on
-        res = cli(*args)
+        res = run_cli(*args)
         assert res.returncode != 0 and "corrupt" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
