@@ -13,10 +13,10 @@ GPT-2 on the Hugging Face side has its own checkpoints' activation ``gelu_new`` 
 ``--hf-gelu gelu_pytorch_tanh`` gives it the fused kernel ours uses, to see how much of the gap that is.
 
 - Training step: forward, cross-entropy of the next token (computed the same way outside both models), backward,
-  fused AdamW. The four models step in turn (order reversed every other round), warm-up steps excluded, median
-  reported. Dropout: ``--dropout`` (0.1) on the GPT-2 pair wherever GPT-2 has it (embeddings, residual branches,
-  attention weights); none on the LLaMA pair, which has no residual dropout (as LLaMA trains). Hugging Face runs
-  with ``use_cache=False`` (no cache built in training).
+  fused AdamW. The four models step in turn, round-robin (A, B, C, D, A, ...: none runs twice in a row), warm-up
+  steps excluded, median reported. Dropout: ``--dropout`` (0.1) on the GPT-2 pair wherever GPT-2 has it
+  (embeddings, residual branches, attention weights); none on the LLaMA pair, which has no residual dropout (as
+  LLaMA trains). Hugging Face runs with ``use_cache=False`` (no cache built in training).
 - Generation: greedy, batch 1, a ``--prompt``-token prompt then ``--new`` tokens. Ours: a plain loop over
   ``model(tok, cache, last_only=True)``; Hugging Face: ``generate(do_sample=False, max_new_tokens=N,
   min_new_tokens=N)``. Tokens/s count the new tokens over the whole call (prefill included), median of
@@ -148,13 +148,15 @@ def bench_training(pairs: dict, shape: Shape, steps: int, warmup: int, seed: int
     for family, (ours, hf) in pairs.items():
         trainers += [Trainer(f"ours-{family}", ours, False), Trainer(f"HF-{family}", hf, True)]
     for i in range(warmup + steps):
-        for t in (trainers if i % 2 == 0 else trainers[::-1]):  # interleaved; no model always follows the same one
+        for t in trainers:  # round-robin: load and memory state fall on every model alike
             t.step(ids, targets)
     rows = {}
     for t in trainers:
         ms = t.ms[warmup:]
         rows[t.name] = dict(ms_per_step=statistics.median(ms), ms_all=ms, last_loss=t.loss,
                             tokens_per_s=shape.batch * shape.seq_len / statistics.median(ms) * 1e3)
+    for family in pairs:
+        add_ratios(rows[f"ours-{family}"], rows[f"HF-{family}"]["ms_all"], rows[f"ours-{family}"]["ms_all"])
     return rows
 
 
@@ -171,7 +173,7 @@ def bench_generation(pairs: dict, shape: Shape, prompt_len: int, new: int, repea
     times = {name: [] for name, _ in runs}
     outputs = {}
     for i in range(warmup + repeats):
-        for name, fn in (runs if i % 2 == 0 else runs[::-1]):
+        for name, fn in runs:
             t = time.perf_counter()
             out = fn()
             dt = time.perf_counter() - t
@@ -186,7 +188,20 @@ def bench_generation(pairs: dict, shape: Shape, prompt_len: int, new: int, repea
     for family in pairs:
         rows[f"ours-{family}"]["same_tokens_as_hf"] = bool(torch.equal(outputs[f"ours-{family}"],
                                                                        outputs[f"HF-{family}"]))
+        add_ratios(rows[f"ours-{family}"], times[f"HF-{family}"], times[f"ours-{family}"])
     return rows
+
+
+def add_ratios(row: dict, theirs: list[float], ours: list[float]) -> None:
+    """HF's time over ours (above 1: ours faster): ``ratio``, the median of the rounds' ratios (HF and ours ran one
+    after the other, so each ratio sees one load; what the table shows), and ``ratio_of_medians``.
+
+    Why both: on a shared machine another job can start or stop mid-run, and on a 2-core machine a run with 2 threads
+    then slows several-fold (a parallel region waits for a descheduled thread); medians taken over such bimodal
+    series can land in different modes, the paired ratio stays with like for like.
+    """
+    row["ratio"] = statistics.median(h / o for h, o in zip(theirs, ours))
+    row["ratio_of_medians"] = statistics.median(theirs) / statistics.median(ours)
 
 
 @torch.no_grad()
@@ -202,13 +217,13 @@ def markdown(info: dict) -> str:
              f"{info['transformers']}, load average {info['load_before']} before / {info['load_after']} after)", "",
              f"Training step (batch {s['batch']} x {s['seq_len']} tokens, fused AdamW, median of {info['steps']} "
              f"steps after {info['warmup']}) and greedy generation (batch 1, prompt {info['prompt']}, "
-             f"{info['new']} new tokens, median of {info['repeats']}):", "",
+             f"{info['new']} new tokens, median of {info['repeats']}); ratios: median over rounds of the "
+             f"HF/ours time ratio of one round (above 1: ours faster):", "",
              "| model | parameters | train ms/step | train ratio HF/ours | generation tokens/s | "
              "generation ratio ours/HF |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for family in info["families"]:
         o, h = f"ours-{family}", f"HF-{family}"
-        tr_ratio = tr[h]["ms_per_step"] / tr[o]["ms_per_step"]
-        gen_ratio = gen[o]["tokens_per_s"] / gen[h]["tokens_per_s"]
+        tr_ratio, gen_ratio = tr[o]["ratio"], gen[o]["ratio"]
         theirs = HF_NAMES[family] + (f" ({info['hf_gelu']})" if family == "gpt2" and info["hf_gelu"] != "gelu_new"
                                      else "")
         for name, label in ((o, f"ours, {family} shape"), (h, theirs)):
@@ -217,6 +232,12 @@ def markdown(info: dict) -> str:
                          f"{f'{tr_ratio:.2f}x' if mine else '1.00x'} | {gen[name]['tokens_per_s']:,.0f} | "
                          f"{f'{gen_ratio:.2f}x' if mine else '1.00x'} |")
     return "\n".join(lines)
+
+
+def ratios(row: dict) -> str:
+    if "ratio" not in row:
+        return ""
+    return f"  HF/ours {row['ratio']:.2f}x paired ({row['ratio_of_medians']:.2f}x of the medians)"
 
 
 QUICK = dict(steps=2, warmup=1, repeats=2, prompt=8, new=8)  # --quick: what is left unset
@@ -283,14 +304,15 @@ def run(args) -> int:
     info["training"] = bench_training(pairs, shape, steps, warmup, args.seed)
     print(f"\ntraining step, batch {shape.batch} x {shape.seq_len}, median of {steps} (after {warmup} warm-up):")
     for name, r in info["training"].items():
-        print(f"  {name:<12}{r['ms_per_step']:>9.1f} ms/step{r['tokens_per_s']:>10,.0f} tokens/s  "
-              f"loss {r['last_loss']:.3f}")
+        print(f"  {name:<12}{r['ms_per_step']:>9.1f} ms/step (min {min(r['ms_all']):.1f})"
+              f"{r['tokens_per_s']:>10,.0f} tokens/s  loss {r['last_loss']:.3f}" + ratios(r))
     info["generation"] = bench_generation(pairs, shape, prompt, new, repeats, warmup, args.seed)
     print(f"\ngreedy generation, batch 1, prompt {prompt}, {new} new tokens, median of {repeats}:")
     for name, r in info["generation"].items():
         same = r.get("same_tokens_as_hf")
-        print(f"  {name:<12}{r['tokens_per_s']:>9,.0f} tokens/s{r['ms_per_token']:>8.2f} ms/token"
-              + ("" if same is None else f"  same tokens as HF: {same}"))
+        print(f"  {name:<12}{r['tokens_per_s']:>9,.0f} tokens/s (max {new / min(r['s_all']):,.0f})"
+              f"{r['ms_per_token']:>8.2f} ms/token" + ("" if same is None else f"  same tokens as HF: {same}")
+              + ratios(r))
     info["load_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     table = markdown(info)
     info["markdown"] = table
