@@ -197,10 +197,16 @@ class ResidualScheme:
         """The module that combines shortcut and branch at ``site``."""
         return Residual()
 
+    def placement(self, site: Site) -> tuple[bool, bool, bool]:
+        """Which norm slots (pre, branch, post) the sub-layer at ``site`` fills: the class attributes, the same at
+        every site, unless a scheme places its norms by depth (Mix-LN) or by sub-layer kind (HybridNorm)."""
+        return self.pre_norm, self.branch_norm, self.post_norm
+
     def build_sublayer(self, branch: nn.Module, site: Site, dropout: float = 0.0) -> Sublayer:
-        return self.sublayer_class(branch, self.residual(site), pre_norm=self._slot(self.pre_norm, site.d_model),
-                                   branch_norm=self._slot(self.branch_norm, site.d_model),
-                                   post_norm=self._slot(self.post_norm, site.d_model), dropout=dropout,
+        pre, mid, post = self.placement(site)
+        return self.sublayer_class(branch, self.residual(site), pre_norm=self._slot(pre, site.d_model),
+                                   branch_norm=self._slot(mid, site.d_model),
+                                   post_norm=self._slot(post, site.d_model), dropout=dropout,
                                    scheme=self, site=site)
 
     def stack_norm(self, d_model: int) -> nn.Module:
