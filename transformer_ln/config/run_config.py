@@ -191,6 +191,10 @@ def _init_with_scheme_options(init):
 ModelConfig.__init__ = _init_with_scheme_options(ModelConfig.__init__)
 
 
+FILE_KEYS = ("train_src", "train_tgt", "valid_src", "valid_tgt", "test_src", "test_tgt", "train_text", "valid_text",
+             "test_text")  # data.* paths: read only with data.source=files
+
+
 @dataclass
 class DataConfig(Section):
     """Where the parallel text comes from and how it is tokenized (see ``transformer_ln.data``)."""
@@ -238,6 +242,11 @@ class DataConfig(Section):
                     raise ConfigError(f"{p}{n}: required when {p}source='files' (a path to a text, .gz or .jsonl file)")
             if (self.test_src is None) != (self.test_tgt is None):
                 raise ConfigError(f"{p}test_src/{p}test_tgt: give both or neither")
+        ignored = [n for n in FILE_KEYS if getattr(self, n) is not None]
+        if self.source != "files" and ignored and not self.prepared:  # the built-in corpus or the hub reads none
+            raise ConfigError(f"{p}{ignored[0]}: given, but {p}source={self.source!r} reads "
+                              f"{'the built-in corpus' if self.source == 'synthetic' else p + 'hub_name'} and would "
+                              f"ignore it; add {p}source=files to train on your files (or drop {p}{ignored[0]})")
         if self.source == "hub" and not self.hub_name and not self.prepared:
             raise ConfigError(f"{p}hub_name: required when {p}source='hub' (e.g. 'wmt14' or 'iwslt2017')")
 
@@ -299,6 +308,7 @@ class TrainConfig(Section):
     save_epochs: bool = opt(True, "checkpoint at the end of each epoch")
     keep_last: int = opt(5, "update checkpoints kept (besides best); average --last N needs N <= this")
     valid_every: int = opt(0, "validate every N updates (0: at epoch ends)")
+    valid_max_sentences: int = opt(0, "validate on the first N valid pairs (decoder-only: blocks); 0: all of them")
     log_every: int = opt(10, "progress-bar and log interval in updates")
     grad_norms_every: int = opt(0, "log per-sub-layer gradient norms every N updates (0: never)")
     tensorboard: bool = opt(False, "shorthand for train.trackers=[tensorboard]")
@@ -322,7 +332,7 @@ class TrainConfig(Section):
         self.positive("max_tokens", "update_freq", "diverge_loss", "diverge_patience", "keep_last", "log_every",
                       "beam")
         self.non_negative("max_epochs", "max_updates", "max_minutes", "save_every", "valid_every",
-                          "grad_norms_every", "max_len_a", "max_len_b")
+                          "valid_max_sentences", "grad_norms_every", "max_len_a", "max_len_b")
         bad = [t for t in self.trackers if t not in TRACKERS]
         if bad:
             raise ConfigError(f"{p}trackers: got {', '.join(map(repr, bad))}; allowed: {', '.join(TRACKERS)} "

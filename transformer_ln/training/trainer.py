@@ -139,7 +139,7 @@ class Trainer:
         self.model = self.task.build_model(cfg.model)
         self.batches = EpochBatches(self.data, cfg.train.max_tokens, cfg.train.seed, acc)
         self.validator = Validator(self.data, self.task, acc, cfg.train.max_tokens, self.guard,
-                                   self.batches.to_device)
+                                   self.batches.to_device, cfg.train.valid_max_sentences)
         self.state = State()
         self.optimizer = upd.build_optimizer(self.model, cfg, acc.device)
         self.model = self.model.to(acc.device)
@@ -245,6 +245,7 @@ class Trainer:
             st.wall_time = time.time() - start_wall
             if st.status != "diverged" and st.batches_in_epoch >= len(batches):
                 self._end_epoch()
+                st.wall_time = time.time() - start_wall  # its validation counts: a limit met there ends the run
         bar.close()
         st.wall_time = time.time() - start_wall
         why = stop_reason(st, t_cfg)
