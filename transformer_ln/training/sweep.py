@@ -4,7 +4,9 @@ Each run is a separate ``transformer_ln.train`` process (optionally under ``acce
 ``<out>/<name>/``; a run whose ``summary.json`` exists is finished and skipped, one with a checkpoint is resumed
 (``--resume``, bit-exact), so a sweep can be rerun or resumed.
 ``collect`` reads every run's ``summary.json`` and test evaluation (``eval_test_best.json``) into ``results.csv``
-and ``results.md``.
+and ``results.md``, with the update whose weights were scored: a resumed run whose ``best`` moved on since its
+evaluation says so (``38 (best: 99)``) instead of passing an old score off as the new model's.
+``main`` is ``transformer-ln sweep`` (``experiments/sweep.py`` calls it too).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import io
 import itertools
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -25,7 +29,8 @@ from ..runs.rundir import RunDir
 
 AXES = ("residual", "depth", "lr", "warmup", "seed")
 COLUMNS = ["run", "residual", "depth", "lr", "warmup", "seed", "status", "diverged_at", "best_valid_loss",
-           "best_valid_nll", "test_bleu", "updates", "wall_time_s"]
+           "best_valid_nll", "test_bleu", "bleu_update", "bleu_weights_sha256", "best_update", "updates",
+           "wall_time_s"]
 
 
 @dataclass(frozen=True)
@@ -35,15 +40,23 @@ class Point:
     lr: float
     warmup: int
     seed: int
+    options: tuple[str, ...] = ()  # this point's own overrides (section.key=value), e.g. a scheme's option
+
+    @property
+    def scheme(self) -> str:
+        """The residual scheme and its options, as run names show them: ``pre_ln+qk_norm``, ``pre_ln+z_loss0.0001``."""
+        tags = [(lambda k, v: k.rsplit(".", 1)[-1] + ("" if v.lower() == "true" else v))(*o.split("=", 1))
+                for o in self.options]
+        return "+".join([self.residual, *tags])
 
     @property
     def name(self) -> str:
-        return f"{self.residual}-{self.depth}L-lr{self.lr:g}-w{self.warmup}-s{self.seed}"
+        return f"{self.scheme}-{self.depth}L-lr{self.lr:g}-w{self.warmup}-s{self.seed}"
 
     def overrides(self) -> list[str]:
         return [f"model.residual={self.residual}", f"model.n_enc_layers={self.depth}",
                 f"model.n_dec_layers={self.depth}", f"optim.lr={self.lr!r}", f"optim.warmup_updates={self.warmup}",
-                f"train.seed={self.seed}"]
+                f"train.seed={self.seed}", *self.options]
 
 
 def parse_grid(items: list[str], defaults: dict[str, list] | None = None) -> list[Point]:
@@ -114,10 +127,13 @@ def collect(out: Path) -> list[dict]:
         run = RunDir(run_dir)
         s = run.read_summary()
         ev = run.find_eval("test")
-        bleu = json.loads(ev.read_text())["bleu"] if ev is not None else None
+        ev = json.loads(ev.read_text()) if ev is not None else {}
+        best = re.search(r"\(update (\d+)\)", s.best_checkpoint or "")
         rows.append({"run": run_dir.name, "residual": s.residual, "depth": s.n_enc_layers, "lr": s.lr,
                      "warmup": s.warmup_updates, "seed": s.seed, "status": s.status, "diverged_at": s.diverged_at,
-                     "best_valid_loss": s.best_valid_loss, "best_valid_nll": s.best_valid_nll, "test_bleu": bleu,
+                     "best_valid_loss": s.best_valid_loss, "best_valid_nll": s.best_valid_nll,
+                     "test_bleu": ev.get("bleu"), "bleu_update": ev.get("update"),
+                     "bleu_weights_sha256": ev.get("weights_sha256"), "best_update": int(best[1]) if best else None,
                      "updates": s.updates, "wall_time_s": s.wall_time_s})
     table = io.StringIO(newline="")
     w = csv.DictWriter(table, fieldnames=COLUMNS)
@@ -137,12 +153,18 @@ def _fmt(v) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ["scheme", "depth", "lr", "warmup", "seed", "status", "best valid nll", "test BLEU", "updates", "wall s"]
+    head = ["scheme", "depth", "lr", "warmup", "seed", "status", "best valid nll", "test BLEU", "BLEU of update",
+            "weights sha256", "updates", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         status = r["status"] + (f" @{r['diverged_at']}" if r["diverged_at"] else "")
+        at = r.get("bleu_update")  # older evaluations did not record it: "?" rather than a guess
+        at = "?" if r["test_bleu"] is not None and at is None else at
+        if at is not None and r.get("best_update") is not None and at != r["best_update"]:
+            at = f"{at} (best: {r['best_update']})"  # scored before a resume moved best on: re-evaluate
         cells = [r["residual"], r["depth"], r["lr"], r["warmup"], r["seed"], status, r["best_valid_nll"],
-                 r["test_bleu"], r["updates"], r["wall_time_s"]]
+                 r["test_bleu"], at, (r.get("bleu_weights_sha256") or "")[:12] or None, r["updates"],
+                 r["wall_time_s"]]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -167,3 +189,39 @@ def plot_sweep(out: Path, run_dirs: list[Path]) -> list[Path]:
         betas = residual_dependency(model, *inputs)
         made += plot_dependency({d.name: betas}, out / f"dependency_{d.name}", checkpoint=RunDir.BEST)
     return made
+
+
+def main(argv: list[str]) -> int:
+    """``transformer-ln sweep``: train every grid point not finished yet, collect results.md/.csv, plot."""
+    from ..config.parser import Parser
+    from ..model.schemes import SCHEMES
+
+    p = Parser(prog="transformer-ln sweep", description="Run a grid of training runs (one run directory per point, "
+               "finished ones skipped, interrupted ones resumed) and collect OUT/results.md and results.csv "
+               "(scores with the update they were measured on) and the plots. Overrides for every run follow --.")
+    p.add_argument("config", nargs="?", help="base YAML config (default: the built-in demo settings)")
+    p.add_argument("--out", required=True, help="sweep folder: one run directory per grid point")
+    p.add_argument("--grid", nargs="+", default=[], metavar="AXIS=V1,V2",
+                   help="axes residual, depth, lr, warmup, seed (defaults: every registered scheme, 3, 2e-3, 300, 1)")
+    p.add_argument("--launcher", default=None, help='e.g. "accelerate launch --num_processes 2" (default: python)')
+    p.add_argument("--cpu", action="store_true", help="pass --cpu to every run")
+    p.add_argument("--no-plots", action="store_true", help="skip the curve and dependency plots")
+    args, rest = p.parse_known_args(argv)
+    overrides = [r for r in rest if r != "--"]  # section.key=value for every run, after --
+    bad = [r for r in overrides if "=" not in r]
+    if bad:
+        raise UserError(f"transformer-ln sweep: unrecognized arguments: {' '.join(bad)} (overrides look like "
+                        "section.key=value, after --)")
+    defaults = {"residual": list(SCHEMES), "depth": [3], "lr": [2e-3], "warmup": [300], "seed": [1]}
+    points = parse_grid(args.grid, defaults)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the sweep's run directories")
+    dirs = run_grid(points, out, args.config, overrides, args.cpu,
+                    shlex.split(args.launcher) if args.launcher else None)
+    rows = collect(out)
+    print((out / "results.md").read_text())
+    if not args.no_plots and rows:
+        for path in plot_sweep(out, dirs):
+            print(f"wrote {path}")
+    return 0
