@@ -64,14 +64,22 @@ class Resolved:
     demo: bool
 
     def settings_block(self, keys: tuple = KEY_SETTINGS) -> str:
+        """The key settings, then every other value that differs from the library default, each with its origin
+        (default, demo, the CONFIG's path, override, or ``model.preset=NAME``)."""
+        from .run_config import RunConfig
+
         flat = _flatten(self.cfg.to_dict())
-        width = max(map(len, keys))
         lines = [f"settings{' (the demo: small model, built-in corpus)' if self.demo else ''}:"]
         if flat.get("model.arch") == "decoder_only":  # a language model: its depth, block and components
             keys = tuple(k for k in keys if k != "model.n_enc_layers") + (
                 "data.block_size", "model.preset", "model.positions", "model.activation")
-            width = max(map(len, keys))
-        lines += [f"  {k.ljust(width)}  {_show(flat[k]):<12}  ({self.origins.get(k, DEFAULT)})" for k in keys]
+        default = _flatten(RunConfig().to_dict())
+        changed = [k for k in flat if k not in keys and _show(flat[k]) != _show(default.get(k))]
+        width = max(map(len, [*keys, *changed]))
+        row = lambda k: f"  {k.ljust(width)}  {_show(flat[k]):<12}  ({self.origins.get(k, DEFAULT)})"  # noqa: E731
+        lines += [row(k) for k in keys]
+        if changed:
+            lines += ["  other values that differ from the defaults:", *map(row, changed)]
         lines.append("  (every key: `transformer-ln config`; change one with section.key=value)")
         return "\n".join(lines)
 

@@ -20,6 +20,7 @@ enters Var[a_i]; the RNG is seeded and restored, so the result is deterministic 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from .sublayer import STACKS, Residual, ResidualScheme, SchemeOption, Site
 
 OUTPUT_CHANGE_SCALES = ("O(logn)", "O(n)", "O(1)")
 ADMIN_OMEGAS = ("profile", *OUTPUT_CHANGE_SCALES)
+NO_OMEGA_GIVEN = ("residual='admin' without admin_omega: every omega starts at 1 (plain Post-LN) until "
+                  "transformer_ln.admin_init(stack, x) profiles it on a batch; pass admin_omega='O(logn)' (with "
+                  "n_sublayers) for admin-torch's closed form, or admin_omega='profile' to say you will profile")
 
 __all__ = ["Admin", "calculate_init", "as_module", "OmegaResidual", "admin_init", "omega_summary",
            "OUTPUT_CHANGE_SCALES", "ADMIN_OMEGAS"]
@@ -99,6 +103,11 @@ class Admin(ResidualScheme):
                                            "closed form of admin-torch", ADMIN_OMEGAS)}
     curve_panels = (("omega_mean", "Admin omega", ("omega_min", "omega_max")),)
 
+    def __init__(self, norm: str = "layernorm", norm_eps: float | None = None, **options):
+        super().__init__(norm, norm_eps, **options)
+        if "admin_omega" not in options:  # a layer built alone (a model passes its config's choice)
+            warnings.warn(NO_OMEGA_GIVEN, UserWarning, stacklevel=5)
+
     def needs_stack_size(self) -> bool:
         return self.admin_omega != "profile"  # the closed forms read n
 
@@ -136,6 +145,13 @@ def as_module(num_res_layers: int, output_change_scale: str = "O(logn)", as_para
     return OmegaResidual(calculate_init(num_res_layers, output_change_scale), as_parameter, embed_dim)
 
 
+def _stack_of_or_none(name: str) -> str | None:
+    try:
+        return _stack_of(name)
+    except ValueError:
+        return None
+
+
 def _stack_of(name: str) -> str:
     parts = name.split(".")
     for stack in STACKS:
@@ -168,6 +184,11 @@ def admin_init(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor | None 
     if not residuals:
         raise ValueError("admin_init needs a model built with model.residual='admin' (or Admin layers)")
     if tgt_in is not None:
+        if not hasattr(model, "cfg") or any(_stack_of_or_none(n) is None for n, _ in residuals):
+            raise ValueError(f"admin_init(model, src, tgt_in): {type(model).__name__} is not our Seq2SeqTransformer "
+                             "(no .cfg.pad_id, or Admin layers outside encoder/decoder stacks); for your own stack "
+                             "call admin_init(stack, x, keep=mask) without tgt_in: it runs stack(x) and profiles "
+                             "its Admin layers as one stack")
         pad_id = model.cfg.pad_id
         masks = {"encoder": src.ne(pad_id), "decoder": tgt_in.ne(pad_id)}
         stack_of, inputs = _stack_of, (src, tgt_in)

@@ -180,6 +180,10 @@ def resolve(run_dir: str | Path, which: str = RunDir.BEST) -> Path:
     direct = Path(which)
     if direct.is_dir() and (direct / "model.safetensors").is_file():
         return direct
+    run = RunDir(run_dir)
+    if not (run.config.is_file() or checkpoints_dir(run_dir).is_dir() or (run_dir / RunDir.MARKER).is_file()):
+        raise UserError(f"{run_dir} is not a training run directory (no {RunDir.CONFIG}, no {RunDir.CHECKPOINTS}/); "
+                        "pass the train.out_dir of a run of `transformer-ln train`")
     if which == "last":
         found = update_checkpoints(run_dir)
         if not found:
