@@ -104,6 +104,11 @@ class ModelConfig(Section):
     residual: str = opt("post_ln", "residual/normalization scheme (transformer_ln.model.schemes)",
                         choices=scheme_names)
     norm: NormName = opt("layernorm", "normalization the scheme's norms use (transformer_ln.model.norms)")
+    qk_norm: bool = opt(False, "a norm (model.norm) per head on queries and keys, before rotary positions (QK-norm)")
+    branch_scale: Literal["none", "depth_mup", "completep"] = opt(
+        "none", "multiply each residual branch by (L/branch_base_depth)^-a: depth_mup a=1/2, completep a=1, with "
+        "their Adam learning-rate rule (transformer_ln.model.depth_scaling)")
+    branch_base_depth: int = opt(1, "L_base of model.branch_scale (the depth at which the multiplier is 1)")
     # the schemes' own settings (Admin's admin_omega...): keys model.<name> in YAML and on the command line, read
     # as attributes (cfg.admin_omega); each scheme declares them, so this file names none of them
     scheme_options: dict = field(default_factory=dict, metadata={"expands": scheme_option_specs})
@@ -123,7 +128,7 @@ class ModelConfig(Section):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.positive("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
-                      "n_dec_layers", "max_positions", "rope_theta", "norm_eps")
+                      "n_dec_layers", "max_positions", "rope_theta", "norm_eps", "branch_base_depth")
         self.at_least("max_positions", 2, "a target needs <s> plus one token")
         self.probability("dropout", "attn_dropout", "act_dropout")
         if self.norm != "layernorm" and not SCHEMES[self.residual].has_norms:
@@ -268,12 +273,13 @@ class OptimConfig(Section):
     warmup_updates: int = opt(4000, "linear warmup updates of the inverse-sqrt schedule")
     warmup_init_lr: float = opt(1e-7, "learning rate at update 0")
     label_smoothing: float = opt(0.1, "label smoothing epsilon")
+    z_loss: float = opt(0.0, "add this times log^2 Z (Z: the softmax normaliser) per token to the loss; PaLM: 1e-4")
 
     def __post_init__(self) -> None:
         p = self._prefix
         self.check()
         self.positive("lr", "eps")
-        self.non_negative("weight_decay", "clip_norm", "warmup_updates", "warmup_init_lr")
+        self.non_negative("weight_decay", "clip_norm", "warmup_updates", "warmup_init_lr", "z_loss")
         self.probability("label_smoothing")
         for n in ("lr", "warmup_init_lr"):  # larger steps only overflow the weights (lr=1e308: inf at update 2)
             if getattr(self, n) > MAX_LR:

@@ -22,6 +22,21 @@ class _Attention(nn.Module):
         self.inner_norm = nn.Identity()  # a norm before out_proj (Sub-LN's inner_attn_ln)
         self.inner_width = d_model
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        # per-head norms over d_head on q, k (QK-norm) and v (HybridNorm's QKV-norm), before rotary positions
+        self.q_norm, self.k_norm, self.v_norm = nn.Identity(), nn.Identity(), nn.Identity()
+
+    def add_head_norms(self, make_norm, which: tuple[str, ...] = ("q", "k")) -> None:
+        """Put ``make_norm(d_head)`` on the heads of ``which`` (of q, k, v): one gain shared by all heads (Qwen3's
+        and ViT-22B's per-head QK-norm, HybridNorm's QKV-norm). A slot already filled is kept."""
+        for name in which:
+            if isinstance(getattr(self, f"{name}_norm"), nn.Identity):
+                setattr(self, f"{name}_norm", make_norm(self.d_head))
+
+    def _norm_heads(self, t: torch.Tensor, norm: nn.Module, keep: torch.Tensor | None) -> torch.Tensor:
+        """``norm`` over the last dim of (B, H, T, Dh); BatchNorm's statistics over the real tokens of every head."""
+        if isinstance(norm, nn.Identity):
+            return t
+        return apply_norm(norm, t, None if keep is None else keep[:, None, :].expand(t.shape[:3]))
 
     def in_projections(self) -> list[nn.Linear]:
         """Linears whose d x d blocks are the q, k, v maps (initialised with gain 1/sqrt(2), as fairseq)."""
@@ -89,6 +104,8 @@ class SelfAttention(_Attention):
                 cache: dict | None = None, keep: torch.Tensor | None = None, rope=None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (self._norm_heads(q, self.q_norm, keep), self._norm_heads(k, self.k_norm, keep),
+                   self._norm_heads(v, self.v_norm, keep))
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None and "slots" in cache:  # static cache: write at the positions, attend to those before
@@ -133,12 +150,14 @@ class CrossAttention(_Attention):
     def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: dict | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)
+        q = self._norm_heads(self.q_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2), self.q_norm, keep)
         if cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
             S = memory.shape[1]
             k, v = self.kv_proj(memory).view(B, S, 2, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
+            # the memory's padding is not known here: BatchNorm (the one norm that needs it) counts every position
+            k, v = self._norm_heads(k, self.k_norm, None), self._norm_heads(v, self.v_norm, None)
             if cache is not None:
                 cache["k"], cache["v"] = k, v
         return self._attend(q, k, v, mask, False, keep)

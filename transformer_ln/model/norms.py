@@ -138,6 +138,24 @@ class BatchNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, momentum={self.momentum}"
 
 
+class ScaledNorm(nn.Module):
+    """s * N(x) with a constant s: LayerNorm Scaling's 1/sqrt(l) on a pre-norm. Holds the norm (``.norm``), so its
+    parameters, init and ``keep`` handling are the norm's; ``decompose`` is s times the norm's."""
+
+    def __init__(self, norm: nn.Module, scale: float):
+        super().__init__()
+        self.norm, self.scale = norm, float(scale)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_norm(self.norm, x, keep) * self.scale
+
+    def decompose(self, parts: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.scale * c for c in self.norm.decompose(parts, x)]
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}"
+
+
 NORMS: dict[str, type[nn.Module]] = {"layernorm": LayerNorm, "rmsnorm": RMSNorm, "dyt": DyT,
                                      "batchnorm": BatchNorm}
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, DyT, BatchNorm)
@@ -164,8 +182,8 @@ def uses_batch_statistics(module: nn.Module) -> bool:
 
 def apply_norm(norm: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """``norm(x, keep)`` for BatchNorm, ``norm(x)`` for every other norm, ``nn.Identity`` and users' own modules."""
-    return norm(x) if keep is None or not isinstance(norm, BatchNorm) else norm(x, keep)
+    return norm(x) if keep is None or not isinstance(norm, (BatchNorm, ScaledNorm)) else norm(x, keep)
 
 
-__all__ = ["DEFAULT_NORM", "LayerNorm", "RMSNorm", "DyT", "BatchNorm", "NORMS", "NORM_TYPES", "make_norm", "is_norm",
+__all__ = ["DEFAULT_NORM", "LayerNorm", "RMSNorm", "DyT", "BatchNorm", "ScaledNorm", "NORMS", "NORM_TYPES", "make_norm", "is_norm",
            "uses_batch_statistics", "apply_norm"]

@@ -13,6 +13,12 @@ layers; LN stands for the norm ``model.norm`` picks)::
     sandwich       x_i = x_{i-1} + Dropout(LN_out(f_i(LN_in(x_{i-1}))))       final norm per stack
     tfixup         x_i = x_{i-1} + a_i, depth-scaled init                     no norm at all
     resi_dual      p_i = LN(p_{i-1} + a_i), d_i = d_{i-1} + a_i, a_i from p   output p_N + LN(d_N)
+    mix_ln         Post-LN in a stack's first floor(a L) layers, Pre-LN after   final norm per stack
+    lns            x_i = x_{i-1} + Dropout(f_i(LN(x_{i-1}) / sqrt(l)))       l the 1-based layer; final norm
+    hybridnorm     attention y = x + a(QKV-norm), FFN x' = LN(y) + Dropout(F(LN(y)))   final norm per stack
+
+Every scheme also takes ``qk_norm`` (per-head norms on q and k) and depth-scaled branches (``branch_scale``:
+``transformer_ln.model.depth_scaling``), settings of ``ResidualScheme`` itself.
 
 Each scheme is a ``ResidualScheme`` (``transformer_ln.model.sublayer``): class attributes place the norms, ``residual``
 picks the shortcut combiner, ``init_sublayer``/``init_model``/``calibrate`` are its initialisation. Its formula, paper
@@ -29,13 +35,14 @@ import torch
 from torch import nn
 
 from .admin import Admin, OmegaResidual, calculate_init
-from .norms import apply_norm
-from .sublayer import DualSublayer, Residual, ResidualScheme, SchemeOption, Site, Sublayer
+from .norms import ScaledNorm, apply_norm
+from .sublayer import (GENERAL_OPTIONS, DualSublayer, GatedResidual, Residual, ResidualScheme, ScaledResidual,
+                       SchemeOption, Site, Sublayer)
 
 __all__ = ["SCHEMES", "get_scheme", "scheme_from_config", "deepnorm_constants", "ResidualScheme", "Residual",
            "OmegaResidual", "ScaledResidual", "GatedResidual", "Sublayer", "DualSublayer", "Site", "calculate_init",
            "PostLN", "PreLN", "Admin", "DeepNorm", "SubLN", "ReZero", "ReZeroPostLN", "Sandwich", "TFixup", "ResiDual",
-           "SchemeOption"]
+           "MixLN", "LNS", "HybridNorm", "SchemeOption"]
 
 
 class PostLN(ResidualScheme):
@@ -69,45 +76,6 @@ def deepnorm_constants(n_enc_layers: int, n_dec_layers: int) -> dict[str, tuple[
     nm = n_enc_layers ** 4 * n_dec_layers
     return {"encoder": (0.81 * nm ** (1 / 16), 0.87 * nm ** (-1 / 16)),
             "decoder": ((3 * n_dec_layers) ** 0.25, (12 * n_dec_layers) ** -0.25)}
-
-
-class ScaledResidual(Residual):
-    """``alpha * x + f_x`` with a constant alpha (DeepNorm's up-weighted shortcut)."""
-
-    def __init__(self, alpha: float):
-        super().__init__()
-        self.alpha = float(alpha)
-
-    def scales(self):
-        return self.alpha, None
-
-    def forward(self, x: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
-        return torch.add(f_x, x, alpha=self.alpha)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha:.4f}"
-
-
-class GatedResidual(Residual):
-    """``x + alpha * f_x`` with one learnable scalar alpha starting at ``init_value`` (ReZero: 0, the identity)."""
-
-    def __init__(self, init_value: float = 0.0):
-        super().__init__()
-        self.init_value = float(init_value)
-        self.alpha = nn.Parameter(torch.full((1,), self.init_value))
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.alpha.fill_(self.init_value)
-
-    def scales(self):
-        return None, self.alpha
-
-    def forward(self, x: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(x, f_x, self.alpha)
-
-    def extra_repr(self) -> str:
-        return f"init_value={self.init_value}"
 
 
 def _blocks(sub: Sublayer) -> dict[str, torch.Tensor]:
@@ -293,8 +261,101 @@ class ResiDual(ResidualScheme):
         return p + apply_norm(final_norm, d, keep)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the schemes of 2024-2025 (``../shared/reference/variants-2025.md``); Peri-LN is ``Sandwich`` above
+
+
+class MixLN(ResidualScheme):
+    """Mix-LN (Li et al. 2025, "Mix-LN: Unleashing the Power of Deeper Layers by Combining Pre-LN and Post-LN",
+    arXiv 2412.13795; pixeli99/MixLN's ``post_pre``).
+
+        layers l < floor(a L):  x_i = LN(x_{i-1} + a_i)                      (Post-LN)
+        layers after:           x_i = x_{i-1} + Dropout(f_i(LN(x_{i-1})))    (Pre-LN)      final norm per stack
+
+    l counts a stack's layers from 0 (the code's ``layer_index < POST_NUM``), L is the stack's depth and
+    a = ``mix_ln_fraction``, 0.25 by default (the paper's scripts: 3 of 12 and 6 of 24 layers). The final norm is
+    always applied; no extra scalars. Default init: the toolkit's, the same as the Post-LN and Pre-LN it mixes (the
+    paper's code draws every Linear from N(0, 0.02) for all its schemes).
+    """
+
+    name, label, color = "mix_ln", "Mix-LN", "goldenrod"
+    final_norm = True
+    options = {"mix_ln_fraction": SchemeOption(0.25, "Mix-LN: fraction of each stack's layers, from the input, that "
+                                               "are Post-LN (the rest Pre-LN)", bounds=(0.0, 1.0))}
+
+    def needs_depths(self) -> bool:
+        return True
+
+    def n_post(self, site: Site) -> int:
+        """floor(a L): how many of the stack's first layers are Post-LN."""
+        return math.floor(self.mix_ln_fraction * self.stack_depth(site) + 1e-9)
+
+    def placement(self, site: Site) -> tuple[bool, bool, bool]:
+        post = site.layer < self.n_post(site)
+        return not post, False, post
+
+
+class LNS(ResidualScheme):
+    """LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth in Large Language Models", arXiv 2502.05795, Sec. 4;
+    lmsdss/LayerNorm-Scaling, OLMo-core's ``LayerNormScaledTransformerBlock``).
+
+        x_i = x_{i-1} + Dropout(f_i(LN(x_{i-1}) / sqrt(l)))        final norm per stack, not scaled
+
+    l is the layer's 1-based index in its stack, the same for every sub-layer of the layer; 1/sqrt(l) is a constant
+    (``ScaledNorm``), not a parameter. Init: the paper's is plain, without the depth-scaled ("scaled
+    initialisation") projections its Table 4 finds harmful with LNS. The toolkit's default init has no depth term,
+    so LNS keeps it, the same as Pre-LN's: the comparison is scaled against unscaled at equal init (the paper's
+    code draws every Linear from N(0, 0.02), for its Pre-LN baseline too).
+    """
+
+    name, label, color = "lns", "LayerNorm Scaling", "teal"
+    pre_norm, post_norm, final_norm = True, False, True
+
+    @staticmethod
+    def scale(site: Site) -> float:
+        return 1.0 / math.sqrt(site.layer + 1)
+
+    def build_sublayer(self, branch: nn.Module, site: Site, dropout: float = 0.0) -> Sublayer:
+        sub = super().build_sublayer(branch, site, dropout)
+        sub.pre_norm = ScaledNorm(sub.pre_norm, self.scale(site))
+        return sub
+
+
+class HybridNorm(ResidualScheme):
+    """HybridNorm (Zhuo et al. 2025, arXiv 2503.04598; BryceZhuo/HybridNorm's ``OLMoSequentialBlock``).
+
+        attention:  y  = x + Dropout(W_o Attn(N_q(q), N_k(k), N_v(v)))    no input norm; per-head norms on q, k, v
+        FFN:        x' = N(y) + Dropout(F(N(y)))                          the skip starts after the norm
+        final norm per stack
+
+    The per-head norms (over d_head, one gain for all heads) come before rotary positions. In the slots: the
+    attention sub-layer is a Post-LN one (its post norm N(y) is both the FFN's input and its skip) and the FFN
+    sub-layer has no norm, so nothing follows the FFN's add. This is not N(y + F(y)) on the FFN (the paper's
+    "Post-Norm FFN" naming pitfall). ``hybridnorm_star`` (HybridNorm*): layer 0 is Pre-Norm for the attention
+    (keeping its QKV-norm) and for the FFN. Cross-attention (encoder-decoder) is treated as attention, its k and v
+    normed per head from the encoder output. Default init (the paper's 1.2B config uses Megatron's init; its advice
+    for small models is unverified).
+    """
+
+    name, label, color = "hybridnorm", "HybridNorm", "indigo"
+    final_norm = True
+    options = {"hybridnorm_star": SchemeOption(False, "HybridNorm*: layer 0 Pre-Norm (its attention keeps the "
+                                               "QKV-norm)")}
+
+    def placement(self, site: Site) -> tuple[bool, bool, bool]:
+        if self.hybridnorm_star and site.layer == 0:
+            return True, False, False
+        return False, False, site.kind != "ffn"
+
+    def build_sublayer(self, branch: nn.Module, site: Site, dropout: float = 0.0) -> Sublayer:
+        if hasattr(branch, "add_head_norms"):
+            branch.add_head_norms(self.make_norm, ("q", "k", "v"))
+        return super().build_sublayer(branch, site, dropout)
+
+
 SCHEMES: dict[str, type[ResidualScheme]] = {
-    cls.name: cls for cls in (PostLN, PreLN, Admin, DeepNorm, SubLN, ReZero, ReZeroPostLN, Sandwich, TFixup, ResiDual)}
+    cls.name: cls for cls in (PostLN, PreLN, Admin, DeepNorm, SubLN, ReZero, ReZeroPostLN, Sandwich, TFixup, ResiDual,
+                              MixLN, LNS, HybridNorm)}
 
 
 def get_scheme(name: str, **options) -> ResidualScheme:
@@ -307,14 +368,16 @@ def get_scheme(name: str, **options) -> ResidualScheme:
         cls = SCHEMES[name]
     except KeyError:
         raise ValueError(f"residual: got {name!r}, allowed: {', '.join(map(repr, SCHEMES))}") from None
-    known = {"norm", "norm_eps"} | {o for c in SCHEMES.values() for o in c.options}
+    general = {"norm", "norm_eps", *GENERAL_OPTIONS}
+    known = general | {o for c in SCHEMES.values() for o in c.options}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown scheme option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-    return cls(**{k: v for k, v in options.items() if k in ("norm", "norm_eps") or k in cls.options})
+    return cls(**{k: v for k, v in options.items() if k in general or k in cls.options})
 
 
 def scheme_from_config(cfg) -> ResidualScheme:
-    """The scheme a ``ModelConfig`` names, with its options read from the config."""
+    """The scheme a ``ModelConfig`` names, with its options (and the settings of every scheme) read from it."""
+    general = {k: getattr(cfg, k, v) for k, v in GENERAL_OPTIONS.items()}
     return get_scheme(cfg.residual, norm=getattr(cfg, "norm", "layernorm"), norm_eps=getattr(cfg, "norm_eps", None),
-                      **{k: getattr(cfg, k) for k in SCHEMES[cfg.residual].options})
+                      **general, **{k: getattr(cfg, k) for k in SCHEMES[cfg.residual].options})

@@ -2,7 +2,9 @@
 
 A sub-layer is a branch f between optional slots (the decomposition of x-transformers and torchtune)::
 
-    h = pre_norm(x)      a = Dropout(branch_norm(f(h)))      x' = post_norm(residual(x, a))
+    h = pre_norm(x)      a = m * Dropout(branch_norm(f(h)))      x' = post_norm(residual(x, a))
+
+(m = ``branch_scale``, 1 unless the branches are depth-scaled).
 
 with ``residual(x, a) = s * x + b * a``; ``Residual.scales()`` exposes (s, b), and an empty slot is ``nn.Identity``.
 A branch may hold a norm of its own (``inner_norm``, Sub-LN's). A ``ResidualScheme`` fills the slots at build time,
@@ -20,10 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .depth_scaling import BRANCH_SCALES, branch_multiplier, optimizer_scales
 from .layers import Dropout
 from .norms import DEFAULT_NORM, NORMS, apply_norm, make_norm
 
 STACKS = ("encoder", "decoder")
+# settings every scheme takes besides ``norm`` and ``norm_eps`` (``ResidualScheme.__init__``), with their defaults
+GENERAL_OPTIONS = {"qk_norm": False, "branch_scale": "none", "branch_base_depth": 1}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class SchemeOption:
     default: Any
     help: str
     allowed: tuple = ()
+    bounds: tuple | None = None  # (low, high), both included, for a number
 
     def check(self, key: str, value: Any) -> Any:
         """``value`` if allowed (an int where the default is a float becomes a float); else a ValueError naming
@@ -75,6 +81,8 @@ class SchemeOption:
             raise ValueError(f"{key}: got {value!r}, expected a {kind.__name__}")
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{key}: got {value!r}; NaN and infinity are not allowed, give a finite number")
+        if self.bounds is not None and not self.bounds[0] <= value <= self.bounds[1]:
+            raise ValueError(f"{key}: got {value!r}, must lie in [{self.bounds[0]}, {self.bounds[1]}]")
         return value
 
 
@@ -87,6 +95,45 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
         return x + f_x
+
+
+class ScaledResidual(Residual):
+    """``alpha * x + f_x`` with a constant alpha (DeepNorm's up-weighted shortcut)."""
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = float(alpha)
+
+    def scales(self):
+        return self.alpha, None
+
+    def forward(self, x: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
+        return torch.add(f_x, x, alpha=self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:.4f}"
+
+
+class GatedResidual(Residual):
+    """``x + alpha * f_x`` with one learnable scalar alpha starting at ``init_value`` (ReZero: 0, the identity)."""
+
+    def __init__(self, init_value: float = 0.0):
+        super().__init__()
+        self.init_value = float(init_value)
+        self.alpha = nn.Parameter(torch.full((1,), self.init_value))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.alpha.fill_(self.init_value)
+
+    def scales(self):
+        return None, self.alpha
+
+    def forward(self, x: torch.Tensor, f_x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x, f_x, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"init_value={self.init_value}"
 
 
 class Sublayer(nn.Module):
@@ -107,12 +154,15 @@ class Sublayer(nn.Module):
         self.residual = residual
         self.post_norm = nn.Identity() if post_norm is None else post_norm
         self.scheme, self.site = scheme, site  # plain attributes: the init hook and analysis read them
+        self.branch_scale = 1.0  # a constant multiplier on the branch (depth-muP, CompleteP): set by the scheme
 
     def _branch(self, x: torch.Tensor, ctx: tuple, kwargs: dict, keep: torch.Tensor | None) -> torch.Tensor:
         if keep is None:
-            return self.dropout(self.branch_norm(self.branch(self.pre_norm(x), *ctx, **kwargs)))
-        f = self.branch(apply_norm(self.pre_norm, x, keep), *ctx, keep=keep, **kwargs)
-        return self.dropout(apply_norm(self.branch_norm, f, keep))
+            a = self.dropout(self.branch_norm(self.branch(self.pre_norm(x), *ctx, **kwargs)))
+        else:
+            f = self.branch(apply_norm(self.pre_norm, x, keep), *ctx, keep=keep, **kwargs)
+            a = self.dropout(apply_norm(self.branch_norm, f, keep))
+        return a if self.branch_scale == 1.0 else a * self.branch_scale
 
     def forward(self, x: torch.Tensor, *ctx, keep: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         a = self._branch(x, ctx, kwargs, keep)
@@ -157,9 +207,21 @@ class ResidualScheme:
     # None), read from the train records its ``update_stats`` fills
     curve_panels: tuple[tuple[str, str, tuple[str, str] | None], ...] = ()
 
-    def __init__(self, norm: str = DEFAULT_NORM, norm_eps: float | None = None, **options):
+    def __init__(self, norm: str = DEFAULT_NORM, norm_eps: float | None = None, qk_norm: bool = False,
+                 branch_scale: str = "none", branch_base_depth: int = 1, **options):
         """``options``: values of the scheme's declared ``options`` (each checked; the rest at their defaults),
-        set as attributes of the same names. ``norm_eps``: the norms' epsilon (None: the norm's default)."""
+        set as attributes of the same names. ``norm_eps``: the norms' epsilon (None: the norm's default).
+
+        Settings of every scheme (``GENERAL_OPTIONS``): ``qk_norm`` puts ``norm`` per head on the queries and keys of
+        every attention (before rotary positions); ``branch_scale`` (``none``, ``depth_mup``, ``completep``) and
+        ``branch_base_depth`` multiply each branch by (L / L_base)^(-a) (``transformer_ln.model.depth_scaling``)."""
+        if not isinstance(qk_norm, bool):
+            raise ValueError(f"qk_norm: got {qk_norm!r}, expected true or false")
+        if branch_scale not in BRANCH_SCALES:
+            raise ValueError(f"branch_scale: got {branch_scale!r}, allowed: {', '.join(map(repr, BRANCH_SCALES))}")
+        if isinstance(branch_base_depth, bool) or not isinstance(branch_base_depth, int) or branch_base_depth < 1:
+            raise ValueError(f"branch_base_depth: got {branch_base_depth!r}, must be an integer >= 1")
+        self.qk_norm, self.branch_scale, self.branch_base_depth = qk_norm, branch_scale, branch_base_depth
         if norm not in NORMS:
             raise ValueError(f"norm: got {norm!r}, allowed: {', '.join(map(repr, NORMS))}")
         if not self.has_norms and norm != DEFAULT_NORM:
@@ -175,6 +237,7 @@ class ResidualScheme:
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={getattr(self, k)!r}" for k in self.options)
+        opts += "".join(f", {k}={getattr(self, k)!r}" for k, v in GENERAL_OPTIONS.items() if getattr(self, k) != v)
         return f"{type(self).__name__}(norm={self.norm!r}{opts})"
 
     # ---- build time
@@ -190,8 +253,18 @@ class ResidualScheme:
 
     def needs_depths(self) -> bool:
         """True when a sub-layer's constants come from the model's layer counts (N encoder, M decoder layers): a
-        standalone layer must be given ``depths``."""
-        return False
+        standalone layer must be given ``depths``. Depth-scaled branches need them whatever the scheme."""
+        return self.branch_scale != "none"
+
+    @staticmethod
+    def stack_depth(site: Site) -> int:
+        """L, the number of layers of the stack the sub-layer at ``site`` belongs to."""
+        return site.n_enc_layers if site.stack == "encoder" else site.n_dec_layers
+
+    def optimizer_scales(self, site: Site) -> tuple[float, float]:
+        """(learning-rate factor, AdamW-epsilon factor) for the parameters of the sub-layer at ``site``: 1 and 1
+        unless the branches are depth-scaled (their rule: ``transformer_ln.model.depth_scaling``)."""
+        return optimizer_scales(self.branch_scale, self.stack_depth(site), self.branch_base_depth)
 
     def residual(self, site: Site) -> nn.Module:
         """The module that combines shortcut and branch at ``site``."""
@@ -204,10 +277,14 @@ class ResidualScheme:
 
     def build_sublayer(self, branch: nn.Module, site: Site, dropout: float = 0.0) -> Sublayer:
         pre, mid, post = self.placement(site)
-        return self.sublayer_class(branch, self.residual(site), pre_norm=self._slot(pre, site.d_model),
-                                   branch_norm=self._slot(mid, site.d_model),
-                                   post_norm=self._slot(post, site.d_model), dropout=dropout,
-                                   scheme=self, site=site)
+        if self.qk_norm and hasattr(branch, "add_head_norms"):
+            branch.add_head_norms(self.make_norm, ("q", "k"))
+        sub = self.sublayer_class(branch, self.residual(site), pre_norm=self._slot(pre, site.d_model),
+                                  branch_norm=self._slot(mid, site.d_model),
+                                  post_norm=self._slot(post, site.d_model), dropout=dropout,
+                                  scheme=self, site=site)
+        sub.branch_scale = branch_multiplier(self.branch_scale, self.stack_depth(site), self.branch_base_depth)
+        return sub
 
     def stack_norm(self, d_model: int) -> nn.Module:
         """The norm at the end of each stack (``nn.Identity`` if the scheme has none)."""

@@ -15,9 +15,18 @@ import torch.nn.functional as F
 
 
 def label_smoothed_nll_loss(logits: torch.Tensor, target: torch.Tensor, eps: float,
-                            pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, T, V), target (B, T) -> (smoothed loss summed over tokens, nll summed over tokens), in fp32."""
-    lprobs = F.log_softmax(logits.float(), dim=-1)
+                            pad_id: int, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, T, V), target (B, T) -> (smoothed loss summed over tokens, nll summed over tokens), in fp32.
+
+    ``z_loss`` = c adds c * (log Z)^2 per target token to the loss (not to the nll), Z = sum_v exp(logit_v): PaLM's
+    auxiliary loss (Chowdhery et al. 2022, arXiv 2204.02311; c = 1e-4 there and in Wortsman et al. 2023), which
+    keeps log Z near 0 so the output logits cannot drift (the divergence Wortsman et al. describe).
+    """
+    if z_loss > 0.0:
+        log_z = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+        lprobs = logits.float() - log_z
+    else:
+        lprobs = F.log_softmax(logits.float(), dim=-1)
     target = target.unsqueeze(-1)
     nll = -lprobs.gather(-1, target).squeeze(-1)
     smooth = -lprobs.sum(-1)
@@ -25,4 +34,7 @@ def label_smoothed_nll_loss(logits: torch.Tensor, target: torch.Tensor, eps: flo
     nll = nll.masked_fill(~keep, 0.0).sum()
     smooth = smooth.masked_fill(~keep, 0.0).sum()
     eps_i = eps / (logits.shape[-1] - 1)
-    return (1.0 - eps - eps_i) * nll + eps_i * smooth, nll
+    loss = (1.0 - eps - eps_i) * nll + eps_i * smooth
+    if z_loss > 0.0:
+        loss = loss + z_loss * log_z.squeeze(-1).pow(2).masked_fill(~keep, 0.0).sum()
+    return loss, nll

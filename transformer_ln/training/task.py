@@ -114,7 +114,7 @@ class TranslationTask(Task):
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(batch["src"], batch["tgt_in"])
         return label_smoothed_nll_loss(logits, batch["tgt_out"], self.cfg.optim.label_smoothing,
-                                       self.cfg.model.pad_id)
+                                       self.cfg.model.pad_id, self.cfg.optim.z_loss)
 
     def empty_batch(self, device) -> dict:
         one = torch.full((1, 2), 4, dtype=torch.long, device=device)
@@ -175,7 +175,7 @@ class LanguageModelTask(Task):
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return label_smoothed_nll_loss(model(batch["input"]), batch["target"], self.cfg.optim.label_smoothing,
-                                       self.cfg.model.pad_id)
+                                       self.cfg.model.pad_id, self.cfg.optim.z_loss)
 
     def empty_batch(self, device) -> dict:
         one = torch.full((1, 2), 4, dtype=torch.long, device=device)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..config.run_config import RunConfig
+from ..model.depth_scaling import param_groups
 from .schedule import inverse_sqrt_lr
 
 
@@ -33,7 +34,7 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
     momentum-SGD steps in those first few updates.
     """
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, o.eps)  # one group unless the branches are depth-scaled (their lr and eps rule)
     if o.name == "adam":
         return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                  fused=device.type == "cuda" or None)
@@ -46,7 +47,7 @@ def set_lr(optimizer, update: int, cfg: RunConfig) -> float:
     o = cfg.optim
     lr = inverse_sqrt_lr(update, o.lr, o.warmup_updates, o.warmup_init_lr)
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     return lr
 
 
