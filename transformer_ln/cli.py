@@ -25,6 +25,8 @@ COMMANDS = {
              "corpus statistics (stats); tokenize and encode once for many runs (prepare)"),
     "analyze": ("transformer_ln.diagnostics.cli", "main",
                 "dependency, output change, gradient norms, depth statistics, curves; our runs or --hf DIR"),
+    "sweep": ("transformer_ln.training.sweep", "main",
+              "a grid of runs (scheme x depth x lr x warmup x seed), resumable; results.md/.csv and plots"),
     "config": ("transformer_ln.config.cli", "main",
                "every config key: default, type, allowed values, help; --write a starter YAML"),
 }
@@ -46,6 +48,8 @@ Start with:
   transformer-ln evaluate runs/lm --split test                          # perplexity, bits per byte
   transformer-ln generate runs/lm --prompt "the old man" --top-p 0.9
   transformer-ln analyze hidden-states --hf ./my-llama --text sample.txt --out figs   # a local HF model
+  transformer-ln sweep --out runs/sweep --cpu --grid residual=post_ln,admin depth=3 -- train.max_updates=300
+  transformer-ln evaluate runs/demo --src test.de --ref test.en   # any test set, sacreBLEU signature
 Run `transformer-ln COMMAND --help` for a command's options, `transformer-ln config` for every setting
 (section.key, default, allowed values, help) and `transformer-ln config --write my.yaml` for a starter config.
 """

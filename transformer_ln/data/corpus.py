@@ -46,8 +46,8 @@ def load_raw(data_cfg: DataConfig, cache_dir: str | Path | None = None) -> tuple
         raw, origin = _load_hub(data_cfg, cache)
     else:  # DataConfig validates this already
         raise UserError(f"data.source: got {data_cfg.source!r}, allowed: 'synthetic', 'files', 'hub'")
-    if data_cfg.source != "synthetic":  # text tokenized for another toolkit: warn, or clean with data.unescape
-        raw = {k: hygiene.check(ds, f"{k} ({origin[k]})", data_cfg.unescape) for k, ds in raw.items()}
+    if data_cfg.source != "synthetic":  # text tokenized for another toolkit: warn, or clean (data.detokenize/unescape)
+        raw = {k: hygiene.check(ds, f"{k} ({origin[k]})", data_cfg) for k, ds in raw.items()}
     return raw, origin
 
 
@@ -84,6 +84,9 @@ def check_sources(data_cfg: DataConfig) -> None:
             path = getattr(data_cfg, f"{split}_{side}")
             if path is None:
                 continue
+            if Path(path).is_dir():
+                raise UserError(f"data.{split}_{side}: {path} is a directory; give a text file (one sentence a "
+                                "line; .gz or .jsonl too)")
             if not Path(path).is_file():
                 raise UserError(f"data.{split}_{side}: file {path} does not exist")
             if not os.access(path, os.R_OK):
@@ -138,7 +141,8 @@ def _load_dataset_column(path: str, field: Optional[str], cache_dir: Optional[st
     from datasets import load_dataset
 
     if not Path(path).is_file():
-        raise UserError(f"{what}: file {path} does not exist")
+        raise UserError(f"{what}: {path} is a directory; give a text file" if Path(path).is_dir() else
+                        f"{what}: file {path} does not exist")
     if _is_json(path) and not field:
         raise UserError(f"{what}: {path} is JSON lines; set data.src_lang and data.tgt_lang to the keys of its "
                         f"'translation' objects (e.g. data.src_lang=de data.tgt_lang=en)")

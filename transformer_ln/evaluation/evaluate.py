@@ -9,11 +9,17 @@ warning on stderr (how many, to what length, which setting limits it); a model t
 one error naming the checkpoint (and whether its weights are non-finite) instead of a BLEU of 0 over empty
 translations; search settings without a meaning (``--beam 0``, a negative ``--lenpen``, ``--limit 0``) are refused
 with one line.
+
+``evaluate RUN --src FILE --ref FILE`` scores any test set, its lines cleaned as the run's corpus was
+(``data.detokenize``/``data.unescape``, ``data.hygiene.cleaner``), so a Moses-tokenized reference is compared as
+plain text. Every evaluation records the checkpoint's update and the sha256 of the weights it translated
+(``scored_weights``), and ``results.md`` shows both, so evaluations of different weights are never mixed silently.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -75,6 +81,41 @@ def _tokenizer(run_dir: Path):
     if not path.is_file():
         raise UserError(f"{path} is missing; {run_dir} is not a finished training run directory")
     return load_tokenizer(path)
+
+
+def read_text_file(path: str | Path, option: str) -> list[str]:
+    """The stripped lines of a UTF-8 text file given on the command line; a missing file, a directory or anything
+    unreadable is one ``UserError`` naming ``option``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a text file with one sentence a line")
+    if not path.is_file():
+        raise UserError(f"{option} {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{option} {path} cannot be read ({e.strerror})") from None
+    return _decode_lines(data, f"{option} {path}")
+
+
+def test_set_from_files(src: str | Path, ref: str | Path, data_cfg) -> list[tuple[str, str]]:
+    """``(source, reference)`` pairs of two line-aligned files, each side cleaned as the run's corpus was
+    (``data.detokenize``/``data.unescape``); different line counts are one ``UserError``."""
+    from ..data.hygiene import cleaner
+
+    srcs, refs = read_text_file(src, "--src"), read_text_file(ref, "--ref")
+    for lines in (srcs, refs):  # a final empty line is the file's last newline, not a sentence
+        while lines and not lines[-1]:
+            lines.pop()
+    if len(srcs) != len(refs):
+        raise UserError(f"--src {src} has {len(srcs)} lines but --ref {ref} has {len(refs)}; they must be "
+                        "line-aligned (one reference per source sentence)")
+    if not srcs:
+        raise UserError(f"--src {src} holds no sentence")
+    fns = cleaner(data_cfg)
+    if fns is not None:
+        srcs, refs = [fns["src"](x) for x in srcs], [fns["tgt"](x) for x in refs]
+    return list(zip(srcs, refs))
 
 
 def _decode_lines(data: bytes, where: str) -> list[str]:
@@ -144,13 +185,16 @@ def bleu_and_chrf(hyps: list[str], refs: list[str]) -> dict:
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = RunDir.BEST, beam: int | None = None,
-                 lenpen: float | None = None, accelerator=None, model=None, limit: int | None = None) -> dict:
-    """Translate ``split`` of the run's corpus, score it, write ``eval_<split>_<checkpoint>[_limit<N>].json`` and
-    the hypotheses beside it (``RunDir.eval_file``), refresh ``results.md``; returns the scores.
+                 lenpen: float | None = None, accelerator=None, model=None, limit: int | None = None,
+                 src: str | Path | None = None, ref: str | Path | None = None) -> dict:
+    """Translate ``split`` of the run's corpus (or the files ``src``/``ref``), score it, write
+    ``eval_<split>_<checkpoint>[_limit<N>][_ref-<name>].json`` and the hypotheses beside it (``RunDir.eval_file``),
+    refresh ``results.md``; returns the scores, with the checkpoint's update and the weights' sha256.
 
     ``beam``/``lenpen`` ``None``: the run's ``train.beam``/``train.lenpen``. A model that produces non-finite
     logits is a ``UserError`` (``nonfinite_error``) on every process, and nothing is written."""
     from ..data import prepare_data
+    from .scored_weights import load_scored, weights_sha256
 
     run = RunDir(run_dir)
     run_dir = run.path
@@ -160,18 +204,26 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = Run
     if limit is not None and limit <= 0:
         raise UserError(f"--limit: got {limit}, must be a positive number of sentences; leave it out for the whole "
                         "split")
+    check_split(split)
+    if (src is None) != (ref is None):
+        raise UserError("--src/--ref: give both (the source sentences and their references, line by line)")
     if model is None:
         ckpt = ckpt_lib.resolve(run_dir, checkpoint)
         where, cfg = str(ckpt), ckpt_lib.load_run_config_from(ckpt)
     else:
         where, cfg = f"{checkpoint} of {run_dir}", ckpt_lib.load_run_config_from(run_dir)
     beam_used, lenpen_used = search_settings(beam, lenpen, cfg, (beam is not None, lenpen is not None))
+    pairs = test_set_from_files(src, ref, cfg.data) if src is not None else None  # bad files: refused before loading
     if model is None:  # after the settings are checked: a refusal is quick
-        model, cfg = ckpt_lib.load_model(run_dir, checkpoint, device)
-    data = prepare_data(cfg, run_dir, accelerator)  # the run's prepared data (or its cache), memory-mapped
-    pairs = data.text(split) if split in data.splits else None
+        model, cfg, scored = load_scored(run_dir, checkpoint, device)
+    else:
+        scored = {"update": None, "weights_sha256": weights_sha256(model)}
+    if pairs is None:
+        data = prepare_data(cfg, run_dir, accelerator)  # the run's prepared data (or its cache), memory-mapped
+        pairs = data.text(split) if split in data.splits else None
     if not pairs:
-        raise UserError(f"the corpus of {run_dir} has no {split!r} split (data.test_src/test_tgt unset?)")
+        raise UserError(f"the corpus of {run_dir} has no {split!r} split: data.test_src/test_tgt were not set for "
+                        "this run; score any test set with --src FILE --ref FILE")
     pairs = pairs[:limit] if limit else pairs
     srcs = [s for s, _ in pairs]
     mine = list(range(rank, len(srcs), world))
@@ -202,16 +254,31 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = Run
     if failure is not None:
         raise nonfinite_error(model, where, failure)
     scores = bleu_and_chrf(hyps, [r for _, r in pairs])
-    scores.update(split=split, checkpoint=checkpoint, beam=beam_used, limit=limit or None, lenpen=lenpen_used)
+    scores.update(split=split, checkpoint=checkpoint, beam=beam_used, limit=limit or None, lenpen=lenpen_used,
+                  **scored, **({"src_file": str(src), "ref_file": str(ref)} if src is not None else {}))
     if is_main:
         names = (split, checkpoint, limit, beam, lenpen)  # one file per distinct evaluation: nothing overwritten
-        write_text(run.hyps_file(*names), "\n".join(hyps) + "\n")
-        write_text(run.eval_file(*names), json.dumps(scores, indent=1))
+        eval_path, hyps_path = run.eval_file(*names), run.hyps_file(*names)
+        if ref is not None:  # another test set: its own file, named after the reference
+            tag = "_ref-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(ref).name)
+            eval_path, hyps_path = (p.with_name(p.stem + tag + p.suffix) for p in (eval_path, hyps_path))
+        write_text(hyps_path, "\n".join(hyps) + "\n")
+        write_text(eval_path, json.dumps(scores, indent=1))
         results = run.write_results()
-        print(f"{split}: BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  ({scores['n']} sentences)\n"
+        what = f"--ref {ref}" if ref is not None else split
+        at = f"update {scores['update']}" if scores["update"] is not None else scores.get("averaged", "weights")
+        print(f"{what}: BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  ({scores['n']} sentences; "
+              f"{checkpoint} = {at}, sha256 {scores['weights_sha256'][:12]})\n"
               f"  {scores['bleu_signature']}\n  {scores['chrf_signature']}\n"
-              f"  wrote {run.eval_file(*names).name}, {run.hyps_file(*names).name}; all evaluations: {results}")
+              f"  wrote {eval_path.name}, {hyps_path.name}; all evaluations: {results}")
     return scores
+
+
+def check_split(split: str) -> None:
+    """``--split`` names one of the run's evaluation splits; anything else is one line with the choices."""
+    if split not in RunDir.EVAL_SPLITS:
+        raise UserError(f"--split: got {split!r}; choose one of {', '.join(RunDir.EVAL_SPLITS)} (another test set: "
+                        "--src FILE --ref FILE)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -237,10 +304,7 @@ def translate_main(argv: list[str]) -> int:
     model, cfg = ckpt_lib.load_model(args.run_dir, args.checkpoint, device)
     tokenizer = _tokenizer(Path(args.run_dir))
     if args.input:
-        path = Path(args.input)
-        if not path.is_file():
-            raise UserError(f"--input {path} does not exist")
-        lines = _decode_lines(path.read_bytes(), f"--input {path}")
+        lines = read_text_file(args.input, "--input")
     else:
         lines = _decode_lines(sys.stdin.buffer.read(), "the standard input")
     t = cfg.train
@@ -262,15 +326,21 @@ def evaluate_main(argv: list[str]) -> int:
                            "and lists them all in RUN_DIR/results.md.")
     _common(p)
     p.add_argument("--split", default="test", help="test (default) or valid")
+    p.add_argument("--src", default=None, help="score another test set: its source sentences, one a line (with --ref;"
+                   " cleaned as the run's corpus was: data.detokenize/unescape)")
+    p.add_argument("--ref", default=None, help="the references of --src, line by line")
     p.add_argument("--limit", type=int, default=None, help="only the first N sentences (decoder-only: blocks)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="decoder-only runs: tokens a batch (default: 8192 or the run's train.max_tokens, "
                         "the larger)")
     args = p.parse_args(argv)
     _check_options(args)
+    check_split(args.split)
     from .lm_eval import evaluate_lm_run, run_arch
 
     lm = run_arch(args.run_dir, args.checkpoint) == "decoder_only"  # scored by perplexity, not BLEU
+    if lm and args.src is not None or lm and args.ref is not None:
+        raise UserError(f"--src/--ref: {args.run_dir} is a decoder-only run, scored by perplexity on its own splits")
     if lm and (args.beam is not None or args.lenpen is not None):
         raise UserError(f"--beam/--lenpen: {args.run_dir} is a decoder-only run, scored by perplexity (no search)")
     if not lm and args.max_tokens is not None:
@@ -290,5 +360,5 @@ def evaluate_main(argv: list[str]) -> int:
                         max_tokens=args.max_tokens, limit=args.limit)
         return 0
     evaluate_run(args.run_dir, args.split, args.checkpoint, args.beam, args.lenpen, accelerator=accelerator,
-                 limit=args.limit)
+                 limit=args.limit, src=args.src, ref=args.ref)
     return 0

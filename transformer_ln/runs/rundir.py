@@ -28,7 +28,8 @@ from ..config.sections import CONFIG_FILE
 from ..errors import UserError
 
 
-BLEU_HEADER = ("| file | split | checkpoint | sentences | beam | BLEU | chrF |", "|---|---|---|---|---|---|---|")
+BLEU_HEADER = ("| file | split | checkpoint | update | weights sha256 | sentences | beam | BLEU | chrF |",
+               "|" + "---|" * 9)
 PPL_HEADER = ("| file | split | checkpoint | tokens | perplexity | bits/byte | word perplexity |",
               "|---|---|---|---|---|---|---|")
 
@@ -126,9 +127,10 @@ class RunDir:
                             f"{d.get('tokens', '?')} | {d['ppl']:.3f} | {d.get('bits_per_byte', float('nan')):.4f} | "
                             f"{d.get('word_ppl', float('nan')):.4g} |")
                 continue
-            rows = rows or list(BLEU_HEADER)
-            rows.append(f"| {p.name} | {d.get('split', '?')} | {d.get('checkpoint', '?')} | {d.get('n', '?')} | "
-                        f"{d.get('beam', '?')} | {d.get('bleu', '?')} | {d.get('chrf', '?')} |")
+            rows, at = rows or list(BLEU_HEADER), d["update"] if d.get("update") is not None else d.get("averaged", "?")
+            cells = [p.name, d.get("split", "?"), d.get("checkpoint", "?"), at, (d.get("weights_sha256") or "?")[:12],
+                     *(d.get(k, "?") for k in ("n", "beam", "bleu", "chrf"))]
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
         rows = rows or list(BLEU_HEADER)
         write_text(self.path / self.RESULTS, f"# Evaluations of {self.path.name}\n\n" + "\n".join(rows) + "\n")
         return self.path / self.RESULTS

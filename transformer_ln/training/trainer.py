@@ -212,6 +212,7 @@ class Trainer:
         start_wall = time.time() - st.wall_time
         bar = tqdm(total=t_cfg.max_updates or None, initial=st.update, disable=not acc.is_main_process or self.quiet,
                    desc=self.task.describe(), unit="upd", dynamic_ncols=True)
+        self._pace = (st.update, None)  # (update this process started from, time its first update ended)
         if self.resume and stop_reason(st, t_cfg):
             self.log(f"nothing left to train ({stop_reason(st, t_cfg)}); finishing the run")
         while stop_reason(st, t_cfg) is None:
@@ -288,6 +289,7 @@ class Trainer:
         record.update({k: v for k, v in stats.items() if k not in known})  # the scheme's update_stats
         self.write_metrics(record)
         bar.update(1)
+        self._estimate()
         if st.update % self.cfg.train.log_every == 0 or st.update == 1:
             bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         first = next((b for b in group if b is not None), None)
@@ -302,6 +304,19 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_update_end(UpdateContext(st.update, model, first or self.task.empty_batch(self.accelerator.device),
                                            self.write_metrics))
+
+    def _estimate(self, after: int = 10) -> None:
+        """Once, ``after`` updates past the first (slower) one: the time the remaining ``max_updates`` should take at
+        the pace measured so far; validation, checkpoints and the test score come on top."""
+        start, t_first = self._pace
+        done, left = self.state.update - start - 1, self.cfg.train.max_updates - self.state.update
+        if done == 0:
+            self._pace = (start, time.time())
+        elif done == after and left > 0:
+            pace = (time.time() - t_first) / after
+            self.log(f"estimate: {pace:.2f} s/update over updates {start + 2}-{self.state.update}, so about "
+                     f"{pace * left / 60:.1f} min for the {left} left to train.max_updates={self.cfg.train.max_updates}"
+                     " (validation, checkpoints and the test score add to it)")
 
     def _end_epoch(self) -> None:
         st = self.state
