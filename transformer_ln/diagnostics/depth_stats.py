@@ -193,7 +193,7 @@ def _logits_max(qk: QK, got: dict, keep_q: torch.Tensor | None, keep_k: torch.Te
         q, k, _ = got["packed"].chunk(3, dim=-1)
     else:
         q, k = got["q"], got["k"][..., :qk.k_cols] if qk.k_cols else got["k"]
-    q, k = _heads(q.double(), qk.head_dim), _heads(k.double(), qk.head_dim)
+    q, k = (q.double(), k.double()) if qk.heads else (_heads(q.double(), qk.head_dim), _heads(k.double(), qk.head_dim))
     rope = got["kwargs"].get("position_embeddings") if qk.rope == "hf" else \
         got["kwargs"].get("rope") if qk.rope == "ours" else None
     if rope is not None:

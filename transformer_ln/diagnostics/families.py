@@ -98,10 +98,15 @@ def _ours(model: nn.Module) -> Sites | None:
 
 def _our_qk(branch: nn.Module, kind: str, stack: str) -> QK | None:
     """Our attentions: self-attention's packed qkv_proj (rope from its ``rope`` keyword; causal in a decoder),
-    cross-attention's q_proj and the key half of kv_proj."""
+    cross-attention's q_proj and the key half of kv_proj; with per-head QK-norms (``model.qk_norm``, HybridNorm)
+    the norms' outputs, which are what the attention multiplies."""
     d_head = getattr(branch, "d_head", None)
     if d_head is None:
         return None
+    if not isinstance(getattr(branch, "q_norm", nn.Identity()), nn.Identity):
+        return QK(branch, d_head, d_head ** -0.5, q=Tap(branch.q_norm), k=Tap(branch.k_norm), heads=True,
+                  rope="ours" if hasattr(branch, "qkv_proj") else None, causal=stack == "decoder" and
+                  hasattr(branch, "qkv_proj"))
     if hasattr(branch, "qkv_proj"):
         return QK(branch, d_head, d_head ** -0.5, packed=Tap(branch.qkv_proj), rope="ours", causal=stack == "decoder")
     return QK(branch, d_head, d_head ** -0.5, q=Tap(branch.q_proj), k=Tap(branch.kv_proj), k_cols=branch.d_model)

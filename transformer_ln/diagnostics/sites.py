@@ -102,7 +102,7 @@ class SumTap:
 class QK:
     """How to read one attention's queries and keys: ``q``/``k`` taps give (B, T, H*Dh) projections (``packed``:
     one tap giving [q; k; v]; ``k_cols``: only the k tap's first columns are k, as our [k; v]); ``scale``
-    multiplies q.k; ``rope``: "hf" (the attention's ``position_embeddings`` keyword, LLaMA's rotate-half) or
+    multiplies q.k; ``heads``: the taps give (B, H, T, Dh) (read after per-head QK-norms); ``rope``: "hf" (the attention's ``position_embeddings`` keyword, LLaMA's rotate-half) or
     "ours" (its ``rope`` keyword); ``causal``: keys after the query are masked; ``mha``: an
     ``nn.MultiheadAttention``, q and k from its inputs and in-projection, its masks from its keywords."""
 
@@ -116,6 +116,7 @@ class QK:
     causal: bool = False
     mha: bool = False
     k_cols: int | None = None  # nn.MultiheadAttention: q, k from its inputs and in_proj
+    heads: bool = False  # the q and k taps give (B, H, T, Dh), already split into heads (after per-head norms)
 
 
 @dataclass(eq=False)
