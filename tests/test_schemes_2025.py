@@ -239,3 +239,15 @@ def test_the_analyses_return_results_for_every_scheme_on_the_decoder_only_model(
                    layer_removal(sites, (ids,))["decoder"]["delta"], attention_logits(sites, (ids,))["decoder"]["max"],
                    [log_partition(sites, (ids,))["mean"]]]
         assert all(np.isfinite(np.asarray(r, dtype=float)).all() for r in results), residual
+
+
+@pytest.mark.parametrize("option", [{"branch_scale": "depth_mup"}, {"qk_norm": True}])
+def test_to_hf_refuses_what_a_llama_checkpoint_cannot_hold(tmp_path, option):
+    pytest.importorskip("transformers")
+    from transformer_ln.interop.hf import to_hf
+
+    model = build_model(ModelConfig(preset="llama", d_model=D, n_heads=H, d_ff=F, n_dec_layers=2, tgt_vocab_size=300,
+                                    **option))
+    with pytest.raises(ValueError, match=f"to_hf: model.{next(iter(option))}: got"):
+        to_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

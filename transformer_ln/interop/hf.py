@@ -243,6 +243,8 @@ def _family(model) -> str:
     need("residual", cfg.residual == "pre_ln" and model.scheme.name == "pre_ln",
          "are Pre-LN ('pre_ln') only; other residual schemes have no Hugging Face checkpoint")
     need("scale_embeddings", not cfg.scale_embeddings, "add positions to unscaled token embeddings (False)")
+    need("branch_scale", getattr(cfg, "branch_scale", "none") == "none", "add each branch unscaled ('none')")
+    need("qk_norm", not getattr(cfg, "qk_norm", False), "have no norm on queries and keys (False)")
     need("positions", cfg.positions in ("learned", "rope"), "have learned positions (GPT-2) or RoPE (LLaMA)")
     if cfg.positions == "learned":
         why = "Hugging Face's GPT-2 (learned positions)"
