@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import no_space, tree_size
 from ..config.run_config import DataConfig
 from ..errors import UserError
 from .batching import TokenBatchSampler
 from .lm_text import (encode_stream, load_documents, load_lm_tokenizer, stream_dtype, train_byte_bpe,
                       training_documents)
-from .store import FORMAT as TRANSLATION_FORMAT, MANIFEST, TOKENIZER_FILE
+from .store import FORMAT as TRANSLATION_FORMAT, MANIFEST, TOKENIZER_FILE, discard, publish
 from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -111,18 +110,9 @@ def build_lm_prepared(data_cfg: DataConfig, out: Path, progress: bool = False) -
                                          "files": {name: (tmp / name).stat().st_size}}
         del docs
         shutil.rmtree(tmp / "raw", ignore_errors=True)
-        manifest["files"] = {TOKENIZER_FILE: (tmp / TOKENIZER_FILE).stat().st_size}
-        manifest["seconds"] = {"tokenizer": round(t_tok, 2), "total": round(time.time() - t0, 2)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # an empty directory the user made for us
-        os.replace(tmp, out)  # atomic: `out` is complete or absent
+        publish(tmp, out, manifest, t_tok, t0)
     except BaseException as e:
-        written = tree_size(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = no_space(e, out, written, "free some space (or set data.cache_dir elsewhere) and run again", True)
-        if full is not None:  # a full disk is one line, not a traceback from deep in datasets or torch
-            raise UserError(str(full)) from None
+        discard(tmp, out, e)
         raise
     finally:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()

@@ -200,23 +200,35 @@ def build_prepared(data_cfg: DataConfig, out: Path, num_proc: int = 1, progress:
         del raw
         if raw_cache is not None:
             shutil.rmtree(raw_cache, ignore_errors=True)
-        manifest["files"] = {TOKENIZER_FILE: (tmp / TOKENIZER_FILE).stat().st_size}
-        manifest["seconds"] = {"tokenizer": round(t_tok, 2), "total": round(time.time() - t0, 2)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # an empty directory the user made for us
-        os.replace(tmp, out)  # atomic: `out` is complete or absent
+        publish(tmp, out, manifest, t_tok, t0)
     except BaseException as e:
-        written = tree_size(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = no_space(e, out, written, "free some space (or set data.cache_dir elsewhere) and run again", True)
-        if full is not None:  # a full disk is one line, not a traceback from deep in datasets or torch
-            raise UserError(str(full)) from None
+        discard(tmp, out, e)
         raise
     finally:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
     log.info("prepared %s in %.1f s", out, time.time() - t0)
     return out
+
+
+def publish(tmp: Path, out: Path, manifest: dict, t_tok: float, t0: float) -> None:
+    """Finish a prepared directory built in ``tmp`` (the tokenizer written, ``manifest`` filled) and move it to
+    ``out`` in one rename, so ``out`` is complete or absent (translation pairs and language-model streams alike)."""
+    manifest["files"] = {TOKENIZER_FILE: (tmp / TOKENIZER_FILE).stat().st_size}
+    manifest["seconds"] = {"tokenizer": round(t_tok, 2), "total": round(time.time() - t0, 2)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory the user made for us
+    os.replace(tmp, out)  # atomic: `out` is complete or absent
+
+
+def discard(tmp: Path, out: Path, error: BaseException) -> None:
+    """Remove a half-built ``tmp`` after ``error``; a full disk becomes one line, not a traceback from deep in
+    datasets or torch. Returns for any other error (the caller re-raises it)."""
+    written = tree_size(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    full = no_space(error, out, written, "free some space (or set data.cache_dir elsewhere) and run again", True)
+    if full is not None:
+        raise UserError(str(full)) from None
 
 
 def _lengths_from_arrow(ds: Dataset) -> np.ndarray:
