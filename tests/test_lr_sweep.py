@@ -105,3 +105,22 @@ def test_tables_and_figures_are_drawn_from_a_fixture(tmp_path):
     assert "| pre_ln+qk_norm | 4 | 1.5 (1 seed) |" in text and "| a | 1..2 | 3 -> 9 | 6 -> 7 |" in text
     # 4 layers: the deepest quarter is layer 4, the first quarter after the embedding's step layer 2
     assert "| pre_ln | 4 | 0.1 (1 seed) | 0.3 (1 seed) | 0.1 (1 seed) | 0.5 (1 seed) | 4 (1 seed) |" in text
+
+
+def test_the_71m_config_has_71m_parameters():
+    """The GPU-scale config is the Mix-LN paper's smallest LLaMA (GaLore's llama_71m) at a vocabulary of 32000:
+    12 x (4 d^2 attention + 3 d d_ff SwiGLU + 2 d norms) + 2 V d (untied) + d (final norm) = 70,726,144."""
+    import torch
+
+    from transformer_ln import build_model, load_run_config
+    from transformer_ln.config.run_config import ModelConfig
+
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "lm_71m_llama.yaml")
+    model_cfg = ModelConfig.from_dict({**cfg.model.to_dict(), "tgt_vocab_size": 32000, "src_vocab_size": 32000})
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    d, f, L, V = 512, 1376, 12, 32000
+    assert (cfg.model.n_heads, cfg.model.norm, cfg.model.positions, cfg.model.activation) == (8, "rmsnorm", "rope",
+                                                                                             "swiglu")
+    assert sum(p.numel() for p in model.parameters()) == L * (4 * d * d + 3 * d * f + 2 * d) + 2 * V * d + d
+    assert 70.5e6 < L * (4 * d * d + 3 * d * f + 2 * d) + 2 * V * d + d < 71.5e6
