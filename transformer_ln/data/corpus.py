@@ -135,6 +135,27 @@ def _chain(e: BaseException) -> list[BaseException]:
     return out
 
 
+def load_file(builder: str, path: str, what: str, cache_dir: Optional[str]) -> Dataset:
+    """``datasets.load_dataset(builder)`` of one local file (text, json or parquet), its failures as one line: not
+    UTF-8 (with where), unreadable (the innermost cause); an empty file is an empty ``text`` dataset, which the
+    caller reports as an empty split."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(builder, data_files={"data": [path]}, split="data", cache_dir=cache_dir)
+    except Exception as e:  # datasets wraps the real cause several levels deep
+        where = _find_bad_utf8(path) if builder != "parquet" else None
+        if where:
+            raise UserError(f"{what}: {path} is not valid UTF-8 at {where}; re-encode it, e.g. "
+                            f"`iconv -f latin1 -t utf-8`") from None
+        causes = _chain(e)
+        if any(type(c).__name__ == "SchemaInferenceError" for c in causes):
+            return Dataset.from_dict({"text": []})
+        cause = causes[-1]
+        raise UserError(f"{what}: could not read {path} as {builder} ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+
+
 def _load_dataset_column(path: str, field: Optional[str], cache_dir: Optional[str], what: str) -> Dataset:
     """One column of one file through ``datasets``, as a one-column ``Dataset`` named ``text``: the lines of a
     text file, or ``translation.<field>`` of JSON lines. Memory-mapped; nothing is read into Python lists."""
@@ -147,19 +168,7 @@ def _load_dataset_column(path: str, field: Optional[str], cache_dir: Optional[st
         raise UserError(f"{what}: {path} is JSON lines; set data.src_lang and data.tgt_lang to the keys of its "
                         f"'translation' objects (e.g. data.src_lang=de data.tgt_lang=en)")
     builder = "json" if _is_json(path) else "text"
-    try:
-        ds = load_dataset(builder, data_files={"data": [path]}, split="data", cache_dir=cache_dir)
-    except Exception as e:  # datasets wraps the real cause several levels deep
-        where = _find_bad_utf8(path)
-        if where:
-            raise UserError(f"{what}: {path} is not valid UTF-8 at {where}; re-encode it, e.g. "
-                            f"`iconv -f latin1 -t utf-8`") from None
-        causes = _chain(e)
-        if any(type(c).__name__ == "SchemaInferenceError" for c in causes):
-            return Dataset.from_dict({"text": []})  # an empty file: the caller reports the empty split
-        cause = causes[-1]
-        raise UserError(f"{what}: could not read {path} as {builder} ({type(cause).__name__}: "
-                        f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+    ds = load_file(builder, path, what, cache_dir)
     if builder == "text":
         return ds.select_columns(["text"])
     flat = ds.flatten()

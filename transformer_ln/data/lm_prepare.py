@@ -35,7 +35,7 @@ from ..runs.rundir import RunDir
 from .lm_store import (BlockBatchSampler, LMSplit, build_lm_prepared, lm_cache_key, open_lm_splits,
                        read_lm_manifest)
 from .lm_text import check_lm_sources, load_lm_tokenizer
-from .prepare import _adopt_settings
+from .prepare import _adopt_settings, prepared_location
 from .store import TOKENIZER_FILE
 from .tokenizer import UNK, load_tokenizer, save_tokenizer
 
@@ -87,15 +87,7 @@ class LMData:
 
 def lm_prepared_location(cfg: RunConfig, run_dir: Path | None) -> Path:
     """The directory a language-model run reads: ``data.prepared``, or its entry in the cache."""
-    if cfg.data.prepared:
-        return Path(cfg.data.prepared)
-    if cfg.data.cache_dir:
-        root = Path(cfg.data.cache_dir)
-    elif run_dir is not None:
-        root = RunDir(run_dir).cache
-    else:
-        raise UserError("no data.cache_dir and no run directory: nowhere to keep the prepared data")
-    return root / f"prepared-lm-{lm_cache_key(cfg.data)}"
+    return prepared_location(cfg, run_dir, f"prepared-lm-{lm_cache_key(cfg.data)}")
 
 
 def prepare_lm_data(cfg: RunConfig, run_dir: Path | None, accelerator=None, progress: bool = False) -> LMData:

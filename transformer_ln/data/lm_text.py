@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..config.run_config import DataConfig
 from ..errors import UserError
-from .corpus import SYNTHETIC_EVAL_SIZE, _chain, _find_bad_utf8
+from .corpus import SYNTHETIC_EVAL_SIZE, _chain, load_file
 from .synthetic import synthetic_splits
 from .tokenizer import EOS, SPECIALS, check_specials, load_tokenizer
 
@@ -81,7 +81,7 @@ def _builder(path: str) -> str:
 def read_text_source(path: str | Path, field: str, cache_dir: str | Path | None, what: str) -> Dataset:
     """One source of documents as a one-column ``Dataset`` named ``text``; every failure a ``UserError`` naming
     ``what`` (the config key) and the path."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import DatasetDict, load_from_disk
 
     path = str(path)
     if not Path(path).exists():
@@ -101,20 +101,7 @@ def read_text_source(path: str | Path, field: str, cache_dir: str | Path | None,
         builder = "save_to_disk"
     else:
         builder = _builder(path)
-        try:
-            ds = load_dataset(builder, data_files={"data": [path]}, split="data",
-                              cache_dir=str(cache_dir) if cache_dir else None)
-        except Exception as e:  # datasets wraps the real cause several levels deep
-            where = _find_bad_utf8(path) if builder != "parquet" else None
-            if where:
-                raise UserError(f"{what}: {path} is not valid UTF-8 at {where}; re-encode it, e.g. "
-                                f"`iconv -f latin1 -t utf-8`") from None
-            causes = _chain(e)
-            if any(type(c).__name__ == "SchemaInferenceError" for c in causes):
-                return Dataset.from_dict({"text": []})  # an empty file: the caller reports the empty split
-            cause = causes[-1]
-            raise UserError(f"{what}: could not read {path} as {builder} ({type(cause).__name__}: "
-                            f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+        ds = load_file(builder, path, what, str(cache_dir) if cache_dir else None)
     if builder == "text":
         return ds.select_columns(["text"])
     if field not in ds.column_names and "." in field:

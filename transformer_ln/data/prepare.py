@@ -85,8 +85,9 @@ class PreparedData:
         return self.store.text(split)
 
 
-def prepared_location(cfg: RunConfig, run_dir: Path | None) -> Path:
-    """The directory a run reads: ``data.prepared``, or its entry in the cache."""
+def prepared_location(cfg: RunConfig, run_dir: Path | None, name: str | None = None) -> Path:
+    """The directory a run reads: ``data.prepared``, or its entry ``name`` (by default the translation data's,
+    ``prepared-<settings hash>``) in the cache: ``data.cache_dir``, else the run directory's."""
     if cfg.data.prepared:
         return Path(cfg.data.prepared)
     if cfg.data.cache_dir:
@@ -95,7 +96,7 @@ def prepared_location(cfg: RunConfig, run_dir: Path | None) -> Path:
         root = RunDir(run_dir).cache
     else:
         raise UserError("no data.cache_dir and no run directory: nowhere to keep the prepared data")
-    return root / f"prepared-{cache_key(cfg.data)}"
+    return root / (name or f"prepared-{cache_key(cfg.data)}")
 
 
 def _adopt_settings(cfg: DataConfig, store: PreparedStore) -> DataConfig:
