@@ -31,7 +31,7 @@ from ..errors import UserError
 from .batching import TokenBatchSampler
 from .lm_text import (encode_stream, load_documents, load_lm_tokenizer, stream_dtype, train_byte_bpe,
                       training_documents)
-from .store import FORMAT as TRANSLATION_FORMAT, MANIFEST, TOKENIZER_FILE, discard, publish
+from .store import FORMAT as TRANSLATION_FORMAT, MANIFEST, TOKENIZER_FILE, _corrupt, discard, publish
 from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,6 @@ def build_lm_prepared(data_cfg: DataConfig, out: Path, progress: bool = False) -
 
 
 # --------------------------------------------------------------------------------------------------- reading
-
-
-def _corrupt(root: Path, why: str) -> UserError:
-    return UserError(f"prepared data directory {root} is incomplete or corrupt ({why}); delete it and run "
-                     f"`transformer-ln data prepare` again (or drop data.prepared to rebuild the cache)")
 
 
 def read_lm_manifest(root: Path) -> dict:
