@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each one process, one thread)")
     p.add_argument("--trace-top", type=int, default=2, help="trace the runs at this many largest LRs (0: none)")
     p.add_argument("--no-analysis", action="store_true", help="tables only: no traces, profiles or figures")
+    p.add_argument("--no-train", action="store_true", help="train nothing: tables and analysis of the finished runs")
     p.add_argument("--cpu", action="store_true", help="pass --cpu to every run")
     args, rest = p.parse_known_args(argv)
     overrides = [r for r in rest if r != "--"]
@@ -111,7 +112,8 @@ def main(argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         overrides.append(prepared_data(out, args.config, overrides))
     print(f"{len(points)} runs in {out}, {args.jobs} at a time")
-    run_lr_sweep(points, out, args.config, overrides, args.jobs, args.cpu)
+    if not args.no_train:
+        run_lr_sweep(points, out, args.config, overrides, args.jobs, args.cpu)
     rows, sens = collect_lr(points, out, results)
     print((results / "lrs.md").read_text())
     if not args.no_analysis and rows:

@@ -11,7 +11,7 @@ from transformer_ln.errors import UserError
 from transformer_ln.runs.summary import Summary
 from transformer_ln.training.lr_study import analyse, best_runs, claims_markdown
 from transformer_ln.training.lr_sweep import (check_points, collect_lr, lr_points, lr_sensitivity, parse_scheme,
-                                              run_lr_sweep)
+                                              run_lr_sweep, sensitivity_table)
 
 
 def fake_run(run_dir: Path, status: str, l0: float, final: float | None) -> None:
@@ -40,6 +40,8 @@ def test_lrs_equals_the_hand_computation_on_a_fixture_of_final_losses(tmp_path):
     assert [r["capped_loss"] for r in rows if r["scheme"] == "pre_ln"] == [6.0, 4.5, 9.0, 9.0]
     assert "2.625" in (tmp_path / "lrs.md").read_text() and (tmp_path / "lr_results.csv").read_text().count("\n") == 9
     assert math.isnan(lr_sensitivity([None, 12.0, math.inf], 9.0))  # nothing learned: undefined, not 0
+    incomplete = sensitivity_table(rows, {("pre_ln", 2, 1): 5, ("pre_ln+qk_norm", 2, 1): 4})  # a run missing
+    assert [math.isnan(s["lrs"]) for s in incomplete] == [True, False]
     assert lr_sensitivity([3.0, 3.0], 9.0) == 0.0
     assert best_runs(rows)[("pre_ln", 2, 1)] == points[1].name
 
@@ -59,7 +61,8 @@ def test_scheme_options_become_overrides_and_bad_ones_are_one_line():
 TINY_LM = ["model.arch=decoder_only", "model.d_model=16", "model.n_heads=2", "model.d_ff=32", "model.dropout=0",
            "model.max_positions=32", "data.block_size=16", "data.synthetic_size=300", "data.vocab_size=300",
            "optim.label_smoothing=0", "train.max_tokens=64", "train.max_updates=2", "train.max_epochs=0",
-           "train.valid_every=2", "train.save_every=1", "train.save_epochs=false", "train.bleu_at_end=false"]
+           "train.valid_every=2", "train.valid_max_sentences=16", "train.save_every=1", "train.save_epochs=false",
+           "train.bleu_at_end=false"]
 
 
 def test_the_sweep_skips_a_finished_run_trains_the_other_and_analyses_its_checkpoints(tmp_path):
@@ -97,7 +100,7 @@ def test_tables_and_figures_are_drawn_from_a_fixture(tmp_path):
                                  "max_attn_logit": [3.0, 9.0], "log_z_mean": [6.0, 7.0]}},
                 "profiles": {f"{s}{d}": {"scheme": s, "depth": d, "lr": 1e-2, "seed": 1, **prof}
                              for s in ("pre_ln", "pre_ln+qk_norm") for d in (4,)}}
-    made = plot_lr_sweep(rows, sens, analysis, tmp_path)
+    made = plot_lr_sweep(rows, sens, analysis, tmp_path, dpi=40)
     names = {p.name for p in made}
     assert {"loss_vs_lr_4L.png", "lr_sensitivity.png", "attention_logits_and_log_z.png", "depth_profiles_4L.pdf"} \
         <= names and all(p.stat().st_size > 1000 for p in made)

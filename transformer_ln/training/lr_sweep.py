@@ -119,8 +119,9 @@ def lr_sensitivity(losses: list[float | None], l0: float) -> float:
     return mean(capped) - min(capped)
 
 
-def sensitivity_table(rows: list[dict]) -> list[dict]:
-    """One row per (scheme, depth, seed) with a complete LR grid: LRS, best LR, its loss, l0, runs diverged."""
+def sensitivity_table(rows: list[dict], expected: dict[tuple, int] | None = None) -> list[dict]:
+    """One row per (scheme, depth, seed): LRS, best LR, its loss, l0, runs diverged; the LRS is NaN where fewer
+    runs finished than ``expected[(scheme, depth, seed)]`` (an interrupted sweep: the grid is incomplete)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["scheme"], r["depth"], r["seed"]), []).append(r)
@@ -133,7 +134,9 @@ def sensitivity_table(rows: list[dict]) -> list[dict]:
         losses = [r["final_loss"] for r in rs]
         finite = [(x, r["lr"]) for x, r in zip(losses, rs) if x is not None and math.isfinite(x)]
         best = min(finite) if finite else (None, None)
-        out.append({"scheme": scheme, "depth": depth, "seed": seed, "lrs": lr_sensitivity(losses, l0), "l0": l0,
+        complete = expected is None or len(rs) >= expected.get((scheme, depth, seed), 0)
+        out.append({"scheme": scheme, "depth": depth, "seed": seed,
+                    "lrs": lr_sensitivity(losses, l0) if complete else math.nan, "l0": l0,
                     "best_loss": best[0], "best_lr": best[1], "n_lr": len(rs),
                     "diverged": sum(r["status"] == "diverged" for r in rs)})
     return out
@@ -145,7 +148,10 @@ def collect_lr(points: list[Point], out: Path, dest: Path | None = None) -> tupl
     dest = Path(dest or out)
     dest.mkdir(parents=True, exist_ok=True)
     rows = [run_row(p, out / p.name) for p in points if is_finished(out / p.name)]
-    sens = sensitivity_table(rows)
+    expected: dict[tuple, int] = {}
+    for p in points:
+        expected[(p.scheme, p.depth, p.seed)] = expected.get((p.scheme, p.depth, p.seed), 0) + 1
+    sens = sensitivity_table(rows, expected)
     write_text(dest / "lr_results.csv", _csv(rows, COLUMNS))
     write_text(dest / "lr_results.md", _markdown(rows, COLUMNS))
     sens_cols = ["scheme", "depth", "seed", "lrs", "best_lr", "best_loss", "l0", "n_lr", "diverged"]
