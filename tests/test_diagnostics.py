@@ -424,8 +424,9 @@ def test_cli_run_directory_analyses_its_best_checkpoint(tmp_path):
     summary = Trainer(cfg, cpu=True, quiet=True).run()
     assert summary["status"] == "completed"
     with pytest.raises(UserError, match="max_positions"):  # --seq-len 20 (the default) does not fit 16 positions
-        analyze(["dependency", "--run", str(run), "--out", str(tmp_path / "o")])
-    assert analyze(["dependency", "--run", str(run), "--seq-len", "8", "--out", str(tmp_path / "o")]) == 0
+        analyze(["dependency", "--run", str(run), "--random-ids", "--out", str(tmp_path / "o")])
+    assert analyze(["dependency", "--run", str(run), "--random-ids", "--seq-len", "8", "--out",
+                    str(tmp_path / "o")]) == 0
     data = json.loads((tmp_path / "o" / "dependency.json").read_text())
     assert data["checkpoint"] == "run:best" and list(data["results"]) == ["admin"]
     model, _ = load_model(run, which="best")  # the numbers are those of the best checkpoint's weights

@@ -308,9 +308,10 @@ def test_cli_run_directory_of_a_language_model(tmp_path, capsys):
     run = tmp_path / "lm"
     saved = _lm_run(run)
     with pytest.raises(UserError, match="max_positions"):  # --seq-len 20 (the default) does not fit 12 positions
-        analyze(["dependency", "--run", str(run), "--out", str(tmp_path / "o")])
-    assert analyze(["dependency", "--run", str(run), "--seq-len", "8", "--out", str(tmp_path / "o")]) == 0
-    assert analyze(["gradients", "--run", str(run), "--seq-len", "8", "--out", str(tmp_path / "o")]) == 0
+        analyze(["dependency", "--run", str(run), "--random-ids", "--out", str(tmp_path / "o")])
+    for command in ("dependency", "gradients"):
+        assert analyze([command, "--run", str(run), "--random-ids", "--seq-len", "8", "--out",
+                        str(tmp_path / "o")]) == 0
     assert analyze(["curves", str(run), "--out", str(tmp_path / "o")]) == 0
     dep = json.loads((tmp_path / "o" / "dependency.json").read_text())
     assert dep["checkpoint"] == "lm:best" and list(dep["results"]) == ["pre_ln"]

@@ -157,7 +157,8 @@ def test_the_settings_header_lists_every_changed_value_with_its_origin(tmp_path)
     config.write_text("train:\n  save_every: 7\n  log_every: 10\n")
     block = resolve_config([str(config), "model.norm=rmsnorm", "data.unescape=true", "train.valid_every=5",
                             "model.preset=llama"]).settings_block()
-    rows = {line.split()[0]: line for line in block.splitlines()[1:] if line.startswith("  ") and "." in line.split()[0]}
+    rows = {line.split()[0]: line for line in block.splitlines()[1:]
+            if line.startswith("  ") and "." in line.split()[0]}
     assert rows["model.norm"].split()[1:] == ["rmsnorm", "(override)"]
     assert rows["data.unescape"].split()[1:] == ["True", "(override)"]
     assert rows["train.valid_every"].split()[1:] == ["5", "(override)"]
@@ -175,3 +176,140 @@ def test_translate_on_a_folder_that_is_not_a_run_says_so(tmp_path, cli):
     for command in (("translate", tmp_path), ("evaluate", tmp_path)):
         line = one_line(cli(*command), "is not a training run directory")
         assert "no checkpoints yet" not in line
+
+
+# ------------------------------------------------------------------------ 3: analysis on the run's own sentences
+
+
+@pytest.fixture
+def titles(monkeypatch):
+    """The titles of every figure the analyses draw (suptitle | panel titles), the figures not rendered: writing
+    PNG and PDF is tested elsewhere and costs seconds a figure on a busy machine."""
+    import transformer_ln.diagnostics.depth_plots as depth_plots
+    import transformer_ln.diagnostics.plotting as plotting
+
+    seen = []
+
+    def keep_titles(fig, out, dpi=150):
+        seen.append(" ".join((fig.get_suptitle() + " | " + " | ".join(ax.get_title() for ax in fig.axes)).split()))
+        return [Path(out).with_suffix(".png")]
+
+    for module in (plotting, depth_plots):
+        monkeypatch.setattr(module, "save", keep_titles)
+    return seen
+
+
+def test_analyze_a_run_measures_its_validation_sentences_and_says_so(run, tmp_path, cli, titles):
+    from transformer_ln.data import prepare_data
+    from transformer_ln.runs.checkpoint import load_model
+
+    res = cli("analyze", "gradients", "--run", run, "--out", tmp_path / "g")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "measured on: run:best, valid[:16], 16 sentence pairs"
+    record = json.loads((tmp_path / "g" / "grad_norms.json").read_text())
+    assert record["checkpoint"] == "run:best" and record["batch"] == "valid[:16], 16 sentence pairs"
+    # the numbers are those of the run's first 16 validation pairs (not of random ids)
+    model, cfg = load_model(run)
+    batch = prepare_data(cfg, run).batch("valid", np.arange(16))
+    from transformer_ln.diagnostics import gradient_norms
+
+    expected = gradient_norms(model, batch["src"], batch["tgt_in"], tgt_out=batch["tgt_out"])
+    got = record["results"]["post_ln"]
+    assert all(got[k]["output_grad_norm"] == pytest.approx(expected[k]["output_grad_norm"], rel=1e-5)
+               for k in expected)
+    # random ids only when asked, and then named so
+    res = cli("analyze", "gradients", "--run", run, "--random-ids", "--out", tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "grad_norms.json").read_text())["batch"] == "random ids 4x20"
+    assert res.stdout.splitlines()[0] == "measured on: run:best, random ids 4x20"
+    one_line(cli("analyze", "gradients", "--run", run, "--seq-len", "9", "--out", tmp_path / "x"), "--random-ids")
+
+
+def test_every_analysis_figure_of_a_run_names_its_batch(run, tmp_path, cli, titles):
+    for command in ("dependency", "output-change", "gradients", "hidden-states"):
+        res = cli("analyze", command, "--run", run, "--batch-size", "5", "--out", tmp_path / command)
+        assert res.returncode == 0, res.stderr
+        assert "measured on: run:best, valid[:5], 5 sentence pairs" in res.stdout
+    assert len(titles) == 4 and all("valid[:5], 5 sentence pairs" in t for t in titles), titles
+    hidden = json.loads((tmp_path / "hidden-states" / "hidden_states.json").read_text())
+    assert hidden["sources"]["post_ln"]["batch"] == "valid[:5], 5 sentence pairs"
+    fresh = cli("analyze", "gradients", "model.residual=pre_ln", "model.n_enc_layers=1", "model.n_dec_layers=1",
+                "model.d_model=16", "model.n_heads=2", "model.d_ff=16", "--vocab", "30", "--out", tmp_path / "f")
+    assert fresh.stdout.splitlines()[0] == "measured on: init, random ids 4x20"
+
+
+# --------------------------------------------------------------------------------------------------------- 7: figures
+
+
+def _norms(schemes, stacks=("encoder", "decoder"), zero=("rezero",)):
+    """Gradient norms of 6 sub-layers per stack; the ``zero`` schemes' odd sub-layers exactly 0 (ReZero at init)."""
+    return {s: {f"{st}.{i}": {"stack": st, "index": i, "output_grad_rel": v, "param_grad_rel": v}
+                for st in stacks for i in range(1, 7)
+                for v in [0.0 if s in zero and i % 2 else i / 6 * (k + 1) / len(schemes)]}
+            for k, s in enumerate(schemes)}
+
+
+def _sweep(schemes):
+    n = [2, 4, 8]
+    return {"config": {"stack": "encoder", "sublayers_per_layer": 2, "seeds": 1, "d_model": 512, "eps": 1e-4,
+                       "n_tokens": 80, "perturbation": "random"},
+            "definition": {"text": "|ΔF|², stack output, eval mode, pads skipped"},
+            "results": {s: {"sublayers": n, "output_change": [1.0 + k, 2.0 + k, 3.5 + k], "ci95": None,
+                            "fit": {"linear": {"a": 0.4, "b": 1.0, "r2": 0.97}, "log": {"a": 1.2, "b": 0.2, "r2": 0.99},
+                                    "better": "log"}} for k, s in enumerate(schemes)}}
+
+
+def _inside(fig) -> list[str]:
+    """Titles (the figure's and each visible panel's) whose rendered extent leaves the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    texts = [fig._suptitle] + [ax.title for ax in fig.axes if ax.get_visible()]
+    out = []
+    for t in texts:
+        if t is not None and t.get_text():
+            e = t.get_window_extent(renderer)
+            if e.x0 < box.x0 - 1 or e.x1 > box.x1 + 1 or e.y0 < box.y0 - 1 or e.y1 > box.y1 + 1:
+                out.append(t.get_text())
+    return out
+
+
+@pytest.mark.parametrize("count", [1, "all"])
+def test_figure_titles_lie_inside_the_figure_and_figures_fit_a_page(count):
+    """One scheme (the narrowest figures, whose titles were cut off) and every registered one (the widest)."""
+    from transformer_ln.diagnostics.figure_fit import PAGE, page_size
+    from transformer_ln.diagnostics.plotting import (SCHEME_LABELS, grad_norms_figure, output_change_bars_figure,
+                                                     output_change_figure)
+
+    schemes = list(SCHEME_LABELS)[:1] if count == 1 else list(SCHEME_LABELS)
+    assert len(schemes) == 1 or len(schemes) >= 10
+    where = "run:best, valid[:16], 16 sentence pairs"
+    figures = {"output_change sweep": lambda: output_change_figure(_sweep(schemes), "init, random ids 4x20")}
+    if count == 1:
+        figures["grad_norms decoder-only"] = lambda: grad_norms_figure(_norms(schemes, ("decoder",)), where)
+    else:
+        figures["grad_norms"] = lambda: grad_norms_figure(_norms(schemes), where)
+        figures["output_change bars"] = lambda: output_change_bars_figure(
+            {s: {"encoder": 1.0, "decoder": 2.0} for s in schemes}, where)
+    for name, make in figures.items():
+        fig = make()
+        w, h = fig.get_size_inches()
+        assert w <= PAGE[0] + 1e-3 and h <= PAGE[1] + 1e-3, (name, w, h)  # 1500 x 1200 pixels at dpi 150 at most
+        assert not _inside(fig), (name, _inside(fig))
+    # the 10+-scheme dependency grid (5 columns of 4.2 x 3.6 inches, 3 rows per stack) shrinks to the page, fonts too
+    assert page_size(21.0, 21.6) == pytest.approx((21.0 * 8 / 21.6, 8.0, 8 / 21.6))
+
+
+def test_zero_gradients_are_drawn_as_zeros_not_as_a_tiny_number():
+    from transformer_ln.diagnostics.plotting import grad_norms_figure
+
+    fig = grad_norms_figure(_norms(["post_ln", "rezero"], ("decoder",)), "init, random ids 4x20")
+    for ax in fig.axes:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        rezero = np.asarray(lines["ReZero"].get_ydata(), float)
+        assert np.isnan(rezero[[0, 2, 4]]).all() and (rezero[[1, 3, 5]] > 0).all()  # no line through the zeros
+        zeros = lines["ReZero: exactly 0"]
+        assert zeros.get_marker() == "v" and list(zeros.get_xdata()) == [1, 3, 5]
+        smallest = min(np.nanmin(np.asarray(line.get_ydata(), float)) for line in lines.values())
+        assert ax.get_ylim()[0] > smallest / 10 > 1e-3  # the floor sits just below the data, not at 1e-12
+    assert "exactly 0" in fig.legends[0].get_title().get_text()

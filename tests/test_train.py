@@ -153,7 +153,7 @@ def test_translate_evaluate_and_average_end_to_end(tmp_path, run_cli):
     assert len(hyps) == 20
     assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=0.006)
     assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=0.006)
-    res = run_cli("analyze", "dependency", "--run", str(tmp_path), "--seq-len", "8", "--out",
+    res = run_cli("analyze", "dependency", "--run", str(tmp_path), "--random-ids", "--seq-len", "8", "--out",
                   str(tmp_path / "an"))
     assert res.returncode == 0 and (tmp_path / "an").is_dir(), res.stderr
 

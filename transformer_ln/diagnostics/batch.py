@@ -1,10 +1,16 @@
-"""Random token batches for measurements at initialisation (no corpus needed; seeded, so runs are comparable).
+"""The batches the analyses measure on: a trained run's own validation sentences, or random token ids.
 
-Two formats, the tasks' own: translation ``{"src", "tgt_in", "tgt_out"}`` (``random_batch``) and language model
-``{"input", "target"}`` (``random_blocks``: packed blocks, no padding). ``random_batch_for`` makes the one a model
-reads (one token sequence per stack it has), ``batch_inputs`` turns either into (the model's inputs, the targets).
+A trained model is measured where it was trained to work: ``valid_batch`` is the first N pairs (a decoder-only run:
+blocks) of the run's validation split, the tensors its trainer validated on. Random ids (seeded, so runs are
+comparable) serve fresh models, which have no corpus, or a run when asked. Two formats, the tasks' own: translation
+``{"src", "tgt_in", "tgt_out"}`` (``random_batch``) and language model ``{"input", "target"}`` (``random_blocks``:
+packed blocks, no padding). ``random_batch_for`` makes the one a model reads (one token sequence per stack it has),
+``batch_inputs`` turns either into (the model's inputs, the targets). Every batch says what it is in ``"about"``
+("valid[:16], 16 sentences", "random ids 4x20"), which the titles, JSON and tables repeat.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +62,28 @@ def random_blocks(vocab_size: int, batch_size: int = 4, seq_len: int = 20, pad_i
     return {"input": block[:, :-1].to(device), "target": block[:, 1:].to(device), "ntokens": batch_size * seq_len}
 
 
+def valid_batch(run_dir, cfg, n: int = 16, device: torch.device | str = "cpu") -> dict:
+    """The first ``n`` pairs (a decoder-only run: blocks) of the validation split of the run in ``run_dir``
+    (``cfg``: its ``RunConfig``), read from its prepared data as the trainer reads them, with ``"about"``."""
+    import numpy as np
+
+    from ..errors import UserError
+    from ..training.task import get_task
+
+    data = get_task(cfg).prepare(Path(run_dir), None, progress=False)
+    have = len(data.splits.get("valid") or ())
+    if not have:
+        raise UserError(f"{run_dir}: its corpus has no validation split to measure on; pass --random-ids for a batch "
+                        "of random token ids")
+    batch = data.batch("valid", np.arange(min(n, have)))
+    k = int(batch["nsentences"])
+    if "input" in batch:  # a language model's packed blocks
+        about = f"valid blocks[:{k}], {k} blocks of {batch['input'].shape[1]} tokens"
+    else:
+        about = f"valid[:{k}], {k} sentence pairs"
+    return {**{key: v.to(device) for key, v in batch.items() if torch.is_tensor(v)}, "about": about}
+
+
 def random_batch_for(model: nn.Module, batch_size: int = 4, seq_len: int = 20, seed: int = 0,
                      device: torch.device | str = "cpu") -> dict:
     """A random batch of the format ``model`` reads: one token sequence per stack it has. An encoder and a decoder
@@ -65,8 +93,10 @@ def random_batch_for(model: nn.Module, batch_size: int = 4, seq_len: int = 20, s
     stacks = list(sublayers(model))
     vocab = min(getattr(cfg, VOCAB_FIELDS[s]) for s in stacks)
     if len(stacks) == 1:
-        return random_blocks(vocab, batch_size, seq_len, cfg.pad_id, seed, device=device)
-    return random_batch(vocab, batch_size, seq_len, cfg.pad_id, seed, device=device)
+        batch = random_blocks(vocab, batch_size, seq_len, cfg.pad_id, seed, device=device)
+    else:
+        batch = random_batch(vocab, batch_size, seq_len, cfg.pad_id, seed, device=device)
+    return {**batch, "about": f"random ids {batch_size}x{seq_len}" + (f", seed {seed}" if seed else "")}
 
 
 def batch_inputs(batch: dict) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -75,3 +105,8 @@ def batch_inputs(batch: dict) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     if "input" in batch:
         return (batch["input"],), batch["target"]
     return (batch["src"], batch["tgt_in"]), batch["tgt_out"]
+
+
+def measured_on(batch: dict, checkpoint: str) -> str:
+    """What a title says: the weights and the batch ("run:best, valid[:16], 16 sentence pairs")."""
+    return f"{checkpoint}, {batch['about']}" if batch.get("about") else checkpoint

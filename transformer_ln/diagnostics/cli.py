@@ -2,10 +2,12 @@
 
 A model comes either from a run directory (``--run DIR``, its best checkpoint) or is freshly initialised from the
 default config plus dotted overrides (``model.n_enc_layers=6 model.residual=admin``); Admin with profiled omega is
-profiled on the measurement batch first. Batches are random tokens with a fixed seed, so numbers are reproducible:
-(src, tgt_in) pairs for the encoder-decoder, packed blocks of ids (no padding) for a decoder-only model
-(``model.arch=decoder_only`` or ``model.preset=gpt2|llama``, or ``--run`` on a language-model run), whose one stack
-is "decoder".
+profiled on the measurement batch first. A run is measured on its own validation sentences (the first
+``--batch-size``, default 16, pairs; a decoder-only run: blocks), random ids only with ``--random-ids``; fresh
+models on random tokens with a fixed seed, so numbers are reproducible: (src, tgt_in) pairs for the encoder-decoder,
+packed blocks of ids (no padding) for a decoder-only model (``model.arch=decoder_only`` or
+``model.preset=gpt2|llama``), whose one stack is "decoder". The batch is named ("valid[:16], 16 sentence pairs",
+"random ids 4x20") above the table, in the JSON (``"batch"``) and in every figure title.
 ``--seeds K`` repeats a measurement with seeds seed..seed+K-1 (model init, perturbation, dropout) and reports the
 mean and its 95% interval; ``output-change`` states its definition (``--preset ours|reference`` and the options that
 override it) in the JSON and the figure.
@@ -31,11 +33,14 @@ from ..errors import UserError
 from ..runs.rundir import RunDir
 from .output_change import (DEFAULT_EPS, DISTANCES, MASKS, PADDINGS, PERTURBATIONS, PRESETS, READS, Definition,
                             definition)
-from .tables import dependency_table, depth_sweep_table, grad_norms_table, output_change_table
+from .batch import measured_on
+from .tables import curves_table, dependency_table, depth_sweep_table, grad_norms_table, output_change_table
 from .depth_cli import HELP as DEPTH_HELP
 from .depth_cli import add_arguments as add_depth_arguments
 from .hf_cli import add_arguments as add_hf_arguments
 
+VALID_SENTENCES = 16  # a run is measured on the first 16 pairs (blocks) of its validation split by default
+RANDOM_SHAPE = (4, 20)  # fresh models (or --random-ids): 4 random sentences (blocks) of 20 tokens by default
 FIELDS_SET_BY_SWEEP = ("src_vocab_size", "tgt_vocab_size", "d_model", "n_heads", "d_ff", "n_enc_layers",
                        "n_dec_layers", "residual")
 
@@ -57,8 +62,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--residuals", type=_csv(str), help=f"schemes for fresh models (default: all of {RESIDUALS}, "
                                                        "or the one given as model.residual=... or by model.preset)")
     p.add_argument("--vocab", type=int, default=1000, help="vocabulary size of a fresh model (default 1000)")
-    p.add_argument("--batch-size", type=int, default=4, help="sentences (blocks) in the random batch (default 4)")
-    p.add_argument("--seq-len", type=int, default=20, help="tokens per sentence (block) (default 20)")
+    p.add_argument("--batch-size", type=int, help=f"sentences (blocks) in the batch (default: the first "
+                   f"{VALID_SENTENCES} of a run's validation split, {RANDOM_SHAPE[0]} random ones)")
+    p.add_argument("--seq-len", type=int, help=f"tokens per random sentence (block) (default {RANDOM_SHAPE[1]})")
+    p.add_argument("--random-ids", action="store_true", help="measure a --run on random token ids instead of its "
+                   "validation sentences")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, batch and noise (default 0)")
 
 
@@ -107,10 +115,10 @@ def usage() -> str:
     width = max(map(len, HELP))
     lines = "\n".join(f"  {k.ljust(width)}  {v}" for k, v in HELP.items())
     return (f"usage: transformer-ln analyze COMMAND [--run DIR | --hf DIR --text FILE | OVERRIDES...] --out DIR "
-            f"[options]\n\ncommands:\n{lines}\n\nModels: --run DIR, a run of ours; --hf DIR --text FILE, a local "
-            f"Hugging Face model\n(GPT-2, LLaMA/Mistral/Qwen2, BERT/RoBERTa, BART/Marian, T5) on the text's lines; neither: "
-            f"fresh models\nof ours on a random batch. Run `transformer-ln analyze COMMAND --help` for a command's "
-            f"options.")
+            f"[options]\n\ncommands:\n{lines}\n\nModels: --run DIR, a run of ours, on its first {VALID_SENTENCES} "
+            f"validation sentences (--random-ids: random ones);\n--hf DIR --text FILE, a local Hugging Face model "
+            f"(GPT-2, LLaMA/Mistral/Qwen2, BERT/RoBERTa,\nBART/Marian, T5) on the text's lines; neither: fresh models "
+            f"of ours on a random batch.\nRun `transformer-ln analyze COMMAND --help` for a command's options.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,10 +146,25 @@ def _batch(args, model, device) -> dict[str, torch.Tensor]:
     from .batch import random_batch_for
 
     cfg = model.cfg
-    if not 1 <= args.seq_len <= cfg.max_positions or args.batch_size < 1:
-        raise UserError(f"--seq-len {args.seq_len} / --batch-size {args.batch_size}: need 1 <= seq-len <= "
+    size, length = args.batch_size or RANDOM_SHAPE[0], args.seq_len or RANDOM_SHAPE[1]
+    if not 1 <= length <= cfg.max_positions or size < 1:
+        raise UserError(f"--seq-len {length} / --batch-size {size}: need 1 <= seq-len <= "
                         f"model.max_positions={cfg.max_positions} and batch-size >= 1")
-    return random_batch_for(model, args.batch_size, args.seq_len, args.seed, device=device)
+    return random_batch_for(model, size, length, args.seed, device=device)
+
+
+def _run_batch(args, model, run_cfg, device) -> dict:
+    """A run's batch: its first ``--batch-size`` validation pairs (blocks), or random ids with ``--random-ids``."""
+    from .batch import valid_batch
+
+    if args.random_ids:
+        return _batch(args, model, device)
+    if args.seq_len is not None:
+        raise UserError("--seq-len: a run is measured on its validation sentences, which have their own lengths; "
+                        "add --random-ids to measure it on random token ids of that length")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: need at least 1 sentence")
+    return valid_batch(args.run, run_cfg, args.batch_size or VALID_SENTENCES, device)
 
 
 def _seeds(args) -> list[int]:
@@ -152,8 +175,9 @@ def _seeds(args) -> list[int]:
 
 def models(args, seed: int | None = None):
     """Yield ``(label, scheme, model, batch, checkpoint)``: the run's checkpoint, or one fresh model per scheme
-    (``build_model``: the encoder-decoder or the ``CausalLM``, as ``model.arch`` says). The batch is a random one of
-    the model's format (``batch_inputs`` reads it).
+    (``build_model``: the encoder-decoder or the ``CausalLM``, as ``model.arch`` says). The batch is the run's first
+    validation sentences, or a random one of the model's format (``batch_inputs`` reads it), named by its
+    ``"about"``; what was measured (``measured_on``) is printed once.
 
     ``seed`` (default ``--seed``) seeds a fresh model's init and calibration; the batch always comes from ``--seed``.
     """
@@ -173,8 +197,10 @@ def models(args, seed: int | None = None):
 
         model, run_cfg = load_model(args.run, which=args.which)
         device = next(model.parameters()).device
-        yield model.cfg.residual, model.cfg.residual, model, _batch(args, model, device), \
-            f"{args.run.name}:{args.which}"
+        batch = _run_batch(args, model, run_cfg, device)
+        checkpoint = f"{args.run.name}:{args.which}"
+        _announce(args, measured_on(batch, checkpoint))
+        yield model.cfg.residual, model.cfg.residual, model, batch, checkpoint
         return
     cfg, schemes = _fresh_config(args)
     for scheme in tqdm(schemes, desc="schemes", disable=len(schemes) < 2):
@@ -183,7 +209,15 @@ def models(args, seed: int | None = None):
         model = build_model(mcfg)
         batch = _batch(args, model, "cpu")  # its own generator: the model's init is not disturbed
         model.scheme.calibrate(model, *batch_inputs(batch)[0], seed=seed)
+        _announce(args, measured_on(batch, "init"))
         yield scheme, scheme, model.eval(), batch, "init"
+
+
+def _announce(args, what: str) -> None:
+    """``measured on: ...`` once per command, above its table."""
+    if getattr(args, "_announced", None) != what:
+        print(f"measured on: {what}")
+        args._announced = what
 
 
 def _definition(args) -> Definition:
@@ -226,11 +260,6 @@ def write_json(obj: Any, path: Path) -> Path:
     return write_text(path, json.dumps(_to_json(obj), indent=1) + "\n")
 
 
-def _report(paths: list[Path]) -> None:
-    for p in paths:
-        print(p)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -255,9 +284,9 @@ def cmd_dependency(args) -> list[Path]:
             diag = [mean_ci95(col) for col in np.diagonal(stacked, 1, axis1=1, axis2=2).T]
             results[label][stack] = {"beta": stats[0], "ci95_low": stats[1], "ci95_high": stats[2],
                                      "diagonal": [d[0] for d in diag], "diagonal_ci95": [[d[1], d[2]] for d in diag]}
-    record = {"checkpoint": checkpoint, "seeds": _seeds(args), "results": results}
+    record = {"checkpoint": checkpoint, "batch": batch["about"], "seeds": _seeds(args), "results": results}
     print(dependency_table(results))
-    title = checkpoint if args.seeds == 1 else f"{checkpoint}, mean of {args.seeds} seeds"
+    title = measured_on(batch, checkpoint) + ("" if args.seeds == 1 else f", mean of {args.seeds} seeds")
     return [write_json(record, args.out / "dependency.json"), *plot_dependency(betas, args.out / "dependency", title)]
 
 
@@ -277,13 +306,16 @@ def cmd_output_change(args) -> list[Path]:
 
         cfg, schemes = _fresh_config(args)
         extra = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FIELDS_SET_BY_SWEEP}
+        size, length = args.batch_size or RANDOM_SHAPE[0], args.seq_len or RANDOM_SHAPE[1]
         sweep = depth_sweep(schemes, args.depths, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
-                            vocab_size=cfg.src_vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
+                            vocab_size=cfg.src_vocab_size, batch_size=size, seq_len=length,
                             eps=args.eps, perturbation=args.perturbation, n_samples=args.samples, seed=args.seed,
                             seeds=args.seeds, definition=defn, **extra)
+        sweep["batch"] = f"random ids {size}x{length}" + (f", seed {args.seed}" if args.seed else "")
+        print(f"measured on: init, {sweep['batch']}")
         print(depth_sweep_table(sweep))
         return [write_json(sweep, args.out / "output_change.json"),
-                *plot_output_change(sweep, args.out / "output_change")]
+                *plot_output_change(sweep, args.out / "output_change", f"init, {sweep['batch']}")]
     per_seed: dict[str, list[dict[str, float]]] = {}
     checkpoint = "init"
     for seed in _seeds(args):
@@ -296,11 +328,12 @@ def cmd_output_change(args) -> list[Path]:
     changes, ci95 = {}, {}
     for label, rows in per_seed.items():
         changes[label], ci95[label] = keys_ci95(rows)
-    record = {"checkpoint": checkpoint, "definition": defn.as_dict(), "perturbation": args.perturbation,
-              "eps": args.eps, "seeds": _seeds(args), "results": changes, "ci95": ci95, "per_seed": per_seed}
+    record = {"checkpoint": checkpoint, "batch": batch["about"], "definition": defn.as_dict(),
+              "perturbation": args.perturbation, "eps": args.eps, "seeds": _seeds(args), "results": changes,
+              "ci95": ci95, "per_seed": per_seed}
     print(output_change_table(changes, ci95 if len(_seeds(args)) > 1 else None, defn.describe()))
     return [write_json(record, args.out / "output_change.json"),
-            *plot_output_change_bars(changes, args.out / "output_change", checkpoint, ci95=ci95,
+            *plot_output_change_bars(changes, args.out / "output_change", measured_on(batch, checkpoint), ci95=ci95,
                                      definition=defn.describe())]
 
 
@@ -314,8 +347,9 @@ def cmd_gradients(args) -> list[Path]:
         inputs, target = batch_inputs(batch)
         norms[label] = gradient_norms(model, *inputs, tgt_out=target)
     print(grad_norms_table(norms))
-    return [write_json({"checkpoint": checkpoint, "results": norms}, args.out / "grad_norms.json"),
-            *plot_grad_norms(norms, args.out / "grad_norms", checkpoint)]
+    return [write_json({"checkpoint": checkpoint, "batch": batch["about"], "results": norms},
+                       args.out / "grad_norms.json"),
+            *plot_grad_norms(norms, args.out / "grad_norms", measured_on(batch, checkpoint))]
 
 
 def cmd_curves(args) -> list[Path]:
@@ -331,22 +365,6 @@ def cmd_curves(args) -> list[Path]:
                        for d, r in zip(args.runs, runs)]}
     print(curves_table(record["runs"]))
     return [write_json(record, args.out / "curves.json"), *plot_curves(runs, args.out / "curves")]
-
-
-def curves_table(rows: list[dict]) -> str:
-    """The numbers behind the curves figure, one line per run (losses in bits per token)."""
-    def num(v, fmt="{:.3f}") -> str:
-        return "-" if v is None else fmt.format(v)
-
-    width = max([len(r["name"]) for r in rows] + [3])
-    lines = [f"{'run'.ljust(width)}  {'status':<9} {'stopped':<11} {'updates':>7} {'last train':>10} "
-             f"{'best valid':>10}  (loss, bits/token)"]
-    for r in rows:
-        s = r["summary"]
-        lines.append(f"{r['name'].ljust(width)}  {s.get('status') or '-':<9} {s.get('stopped') or '-':<11} "
-                     f"{num(s.get('updates'), '{}'):>7} {num(r['last_train_loss']):>10} "
-                     f"{num(s.get('best_valid_loss')):>10}")
-    return "\n".join(lines)
 
 
 COMMANDS = {"dependency": cmd_dependency, "output-change": cmd_output_change, "gradients": cmd_gradients,
@@ -371,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     if command in DEPTH_HELP or getattr(args, "hf", None) is not None:
         from .depth_cli import run
 
-        _report(run(command, args, models))
+        paths = run(command, args, models)
     else:
-        _report(COMMANDS[command](args))
+        paths = COMMANDS[command](args)
+    for path in paths:
+        print(path)
     return 0

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..model.sublayer import STACKS
-from .plotting import SCHEME_COLORS, _figure, save, scheme_label
+from .plotting import SCHEME_COLORS, _done, _figure, save, scheme_label
 
 Results = Mapping[str, Mapping[str, Mapping[str, Any]]]  # {label: {stack: result}}
 
@@ -69,7 +69,7 @@ def hidden_states_figure(stats: Results, checkpoint: str = "init"):
     _integer_x(axes)
     axes[0, 0].legend()
     fig.suptitle("Hidden-state variance and norm against depth (real tokens)")
-    return fig
+    return _done(fig)
 
 
 def plot_hidden_states(stats: Results, out: str | Path, checkpoint: str = "init", dpi: int = 150) -> list[Path]:
@@ -113,7 +113,7 @@ def angular_figure(dists: Results, checkpoint: str = "init", columns: int = 5):
     sep = " " if cols > 2 else "\n"
     fig.suptitle(f"Angular distance between hidden states n layers apart{sep}({token} real tokens; small: the "
                  "layers change the stream little)")
-    return fig
+    return _done(fig)
 
 
 def plot_angular(dists: Results, out: str | Path, checkpoint: str = "init", dpi: int = 150) -> list[Path]:
@@ -145,7 +145,7 @@ def layer_removal_figure(removal: Results, checkpoint: str = "init"):
         ax.legend(fontsize=8)
     _integer_x(axes)
     fig.suptitle("Loss change with one layer skipped (layer removal)")
-    return fig
+    return _done(fig)
 
 
 def plot_layer_removal(removal: Results, out: str | Path, checkpoint: str = "init", dpi: int = 150) -> list[Path]:
@@ -176,7 +176,7 @@ def attention_logits_figure(logits: Results, checkpoint: str = "init"):
         ax.legend(fontsize=8)
     _integer_x(axes)
     fig.suptitle("Largest attention logit per layer (over heads, real queries and allowed keys)")
-    return fig
+    return _done(fig)
 
 
 def plot_attention_logits(logits: Results, out: str | Path, checkpoint: str = "init", dpi: int = 150) -> list[Path]:
@@ -200,7 +200,7 @@ def log_partition_figure(parts: Mapping[str, Mapping[str, float]], checkpoint: s
     ax.set_ylabel(r"$\log Z$ = logsumexp(logits) per token")
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"Output log-partition ({checkpoint})\nmean ± std, ▼ min, ▲ max over real tokens", fontsize=9)
-    return fig
+    return _done(fig)
 
 
 def plot_log_partition(parts: Mapping[str, Mapping[str, float]], out: str | Path, checkpoint: str = "init",

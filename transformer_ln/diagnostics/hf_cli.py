@@ -204,11 +204,13 @@ def sources(args, ours: Callable) -> Iterator[Source]:
         return
     given = [o for o in ("text", "tokenizer") if getattr(args, o, None) is not None]
     if given:
-        raise UserError(f"--{given[0]} goes with --hf DIR (our runs and fresh models read a random batch)")
-    from .batch import batch_inputs
+        raise UserError(f"--{given[0]} goes with --hf DIR (our runs read their validation sentences, fresh models "
+                        "a random batch)")
+    from .batch import batch_inputs, measured_on
 
-    for label, _, model, batch, checkpoint in ours(args):
-        yield Source(label, model, batch_inputs(batch)[0], checkpoint, {"checkpoint": checkpoint})
+    for label, _, model, batch, checkpoint in ours(args):  # titles name the batch too (``measured_on``)
+        yield Source(label, model, batch_inputs(batch)[0], measured_on(batch, checkpoint),
+                     {"checkpoint": checkpoint, "batch": batch.get("about")})
 
 
 def attached(src: Source):

@@ -1,20 +1,22 @@
-"""Figures of the analysis: beta heatmaps, output change against depth, gradient norms, training curves.
+"""Figures of the analysis: beta heatmaps, output change against depth, gradient norms (training curves:
+``curve_plots``).
 
 matplotlib is imported inside each function and only through ``matplotlib.figure.Figure`` (the Agg canvas), never
 pyplot: importing the package stays cheap and never touches a display or the global backend. Every figure is
-written as PNG and PDF; titles name the scheme, the stack and the checkpoint ("init" for a fresh model).
+written as PNG and PDF; titles name the scheme, the stack, the checkpoint ("init" for a fresh model) and the batch
+measured on; every figure fits a page and its titles fit it at any number of schemes (``figure_fit``).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..model.schemes import SCHEMES
 from ..model.sublayer import STACKS
+from .figure_fit import fit, page_size
 
 SCHEME_LABELS = {name: cls.label for name, cls in SCHEMES.items()}  # the registry's, so a new scheme needs no edit
 SCHEME_COLORS = {name: cls.color for name, cls in SCHEMES.items()}
@@ -25,9 +27,17 @@ def scheme_label(name: str) -> str:
 
 
 def _figure(width: float, height: float):
+    """A constrained-layout ``Figure`` of that size, scaled down to fit a page (``figure_fit.page_size``)."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    width, height, scale = page_size(width, height)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    fig._fit_scale = scale
+    return fig
+
+
+def _done(fig):  # the finished figure: fonts scaled with a shrunk one, every title in its room (figure_fit.fit)
+    return fit(fig, getattr(fig, "_fit_scale", 1.0))
 
 
 def save(fig, out: str | Path, dpi: int = 150) -> list[Path]:
@@ -82,7 +92,7 @@ def dependency_figure(betas: Mapping[str, Mapping[str, np.ndarray]], checkpoint:
         fig.colorbar(image, ax=axes, label=r"dependency $\beta_{i,j}$", shrink=0.6, extend=extend)
     sep = " " if cols > 2 else "\n"  # a narrow figure would clip the one-line title
     fig.suptitle(r"Residual-branch dependency $\beta_{i,j}$" + sep + "(rows: unit norm; diagonal: own branch)")
-    return fig
+    return _done(fig)
 
 
 def plot_dependency(betas: Mapping[str, Mapping[str, np.ndarray]], out: str | Path,
@@ -165,7 +175,7 @@ def output_change_figure(sweeps: Mapping[str, Any] | list[Mapping[str, Any]], ch
     head = f"{stack.capitalize()} output change under a ±eps weight perturbation"
     # one column is too narrow for one line
     fig.suptitle(f"{head} ({checkpoint}; {detail})" if len(sweeps) > 1 else f"{head} ({checkpoint})\n{detail}")
-    return fig
+    return _done(fig)
 
 
 def plot_output_change(sweeps: Mapping[str, Any] | list[Mapping[str, Any]], out: str | Path,
@@ -180,7 +190,7 @@ def output_change_bars_figure(changes: Mapping[str, Mapping[str, float]], checkp
     """Bars of the output change per scheme and stack (a single model each), 95% intervals as error bars."""
     schemes = list(changes)
     stacks = [s for s in STACKS if any(s in changes[k] for k in schemes)]
-    fig = _figure(max(4.5, 2.2 * len(schemes)), 3.8)
+    fig = _figure(min(10.0, max(4.5, 0.8 * len(schemes) + 1.5)), 3.8)
     ax = fig.subplots()
     width = 0.8 / len(stacks)
     x = np.arange(len(schemes))
@@ -192,12 +202,13 @@ def output_change_bars_figure(changes: Mapping[str, Mapping[str, float]], checkp
             hi = np.array([ci95[s][stack][1] for s in schemes], float)
             err = np.stack([vals - lo, hi - vals])
         ax.bar(x + (k - (len(stacks) - 1) / 2) * width, vals, width, yerr=err, capsize=3, label=stack)
-    ax.set_xticks(x, [scheme_label(s) for s in schemes])
+    ax.set_xticks(x, [scheme_label(s) for s in schemes], rotation=30 if len(schemes) > 6 else 0, ha="right"
+                  if len(schemes) > 6 else "center", rotation_mode="anchor")
     ax.set_ylabel(change_label({"norm": "l2" if definition.startswith("|ΔF|,") else "squared"}))
     ax.set_xlabel("residual scheme")
     ax.legend()
     ax.set_title(f"Output change per stack ({checkpoint})\n{definition}", fontsize=9)
-    return fig
+    return _done(fig)
 
 
 def plot_output_change_bars(changes: Mapping[str, Mapping[str, float]], out: str | Path,
@@ -219,18 +230,28 @@ def grad_norms_figure(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], chec
         or list(STACKS)
     kinds = (("output_grad_rel", r"$|\partial L/\partial x_i|$ / max"),
              ("param_grad_rel", r"$|\partial L/\partial \theta_i|$ / max"))
-    fig = _figure(5.5 * len(stacks) + (1.5 if len(stacks) == 1 else 0), 7)
+    fig = _figure(5.5 * len(stacks) + (1.5 if len(stacks) == 1 else 0), 7.5)
     axes = fig.subplots(2, len(stacks), squeeze=False)
     for r, (key, ylabel) in enumerate(kinds):
         for c, stack in enumerate(stacks):
             ax = axes[r, c]
+            zeros, positive = [], []  # exact zeros (ReZero's branches at init) are drawn as such, at the floor
             for scheme, rows in norms.items():
                 pts = sorted((v["index"], v[key]) for v in rows.values() if v["stack"] == stack)
                 if pts:
-                    idx, val = zip(*pts)
-                    ax.plot(idx, np.maximum(val, 1e-12), "o-", ms=3, color=SCHEME_COLORS.get(scheme),
+                    idx, val = (np.asarray(a, float) for a in zip(*pts))
+                    ax.plot(idx, np.where(val > 0, val, np.nan), "o-", ms=3, color=SCHEME_COLORS.get(scheme),
                             label=scheme_label(scheme))
+                    positive += val[val > 0].tolist()
+                    if (val <= 0).any():
+                        zeros.append((idx[val <= 0], scheme))
             ax.set_yscale("log")
+            if zeros:
+                floor = min(positive) / 4 if positive else 1.0
+                for idx, scheme in zeros:
+                    ax.plot(idx, np.full(len(idx), floor), "v", ms=7, mfc="none", color=SCHEME_COLORS.get(scheme),
+                            label=f"{scheme_label(scheme)}: exactly 0")
+                ax.set_ylim(bottom=floor / 2)
             ax.set_xlabel(f"{stack} sub-layer i (input side → output side)")
             ax.set_ylabel(ylabel)
             what = "sub-layer outputs" if key.startswith("output") else "sub-layer parameters"
@@ -238,13 +259,19 @@ def grad_norms_figure(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], chec
             ax.grid(alpha=0.3, which="both")
     from matplotlib.ticker import MaxNLocator
 
+    legend: dict[str, Any] = {}  # one legend below the panels, whatever the number of schemes
     for ax in axes.ravel():
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0, 0].legend()
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    zero = any(label.endswith("exactly 0") for label in legend)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", fontsize=8,
+               ncols=min(len(legend), 5), title="▽: exactly 0, drawn at the floor" if zero else None,
+               title_fontsize=8)
     names = ", ".join(scheme_label(s) for s in norms)
     sep = " " if len(stacks) > 1 else "\n"  # one column is too narrow for one line
     fig.suptitle(f"Relative gradient norms, each divided by the largest in the same network{sep}({names})")
-    return fig
+    return _done(fig)
 
 
 def plot_grad_norms(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], out: str | Path,
@@ -253,127 +280,5 @@ def plot_grad_norms(norms: Mapping[str, Mapping[str, Mapping[str, Any]]], out: s
     return save(grad_norms_figure(norms, checkpoint), out, dpi)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# training curves
-
-
-def read_metrics(path: str | Path) -> tuple[list[dict], list[str]]:
-    """The records of a ``metrics.jsonl`` and what was wrong with each line left out (``"line 7: not UTF-8 (byte
-    0xff)"``): a line that is not UTF-8, not JSON, not a JSON object, or cut short by a crash (the last, without its
-    newline) is skipped, never fatal."""
-    data = Path(path).read_bytes()
-    lines = data.split(b"\n")
-    records, skipped = [], []
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            skipped.append(f"line {number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-            continue
-        except ValueError:
-            cut = number == len(lines)  # no newline after it: the write was interrupted
-            skipped.append(f"line {number}: " + ("cut short (no newline: a write interrupted by a crash?)" if cut
-                                                 else "not JSON"))
-            continue
-        if not isinstance(rec, dict):
-            skipped.append(f"line {number}: not a JSON object")
-            continue
-        records.append(rec)
-    return records, skipped
-
-
-def read_run(run_dir: str | Path, warn: bool = True) -> dict[str, Any]:
-    """``{"name", "train": [records], "valid": [records], "summary": {...}, "skipped": [reasons]}`` from
-    metrics.jsonl and summary.json; lines of metrics.jsonl that cannot be read are left out (``read_metrics``)
-    with, if ``warn``, one warning on stderr saying which."""
-    import sys
-
-    from ..runs.rundir import RunDir
-
-    run = RunDir(run_dir)
-    run_dir = run.path
-    train, valid, skipped = [], [], []
-    metrics = run.metrics
-    if metrics.is_file():
-        records, skipped = read_metrics(metrics)
-        for rec in records:
-            if rec.get("kind") == "train":
-                train.append(rec)
-            elif rec.get("kind") == "valid":
-                valid.append(rec)
-        if skipped and warn:
-            shown = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
-            print(f"warning: {metrics}: skipped {len(skipped)} unreadable line(s) ({shown}); the curves and "
-                  f"numbers leave them out", file=sys.stderr, flush=True)
-    summary = run.read_summary().to_dict() if run.summary.is_file() else {}
-    return {"name": run_dir.name, "train": train, "valid": valid, "summary": summary, "skipped": skipped}
-
-
-def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["update"], r[key]) for r in records
-           if r.get(key) is not None and "update" in r and math.isfinite(float(r[key]))]
-    return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
-
-
-def curves_figure(run_dirs: Iterable[str | Path | dict]):
-    """Overlay the training curves of several runs (a ``Figure``; each run a directory or what ``read_run``
-    returned for it): train/valid loss in bits per token (base 2, as
-    the trainer logs them), lr, grad norm and the panels the schemes add (``ResidualScheme.curve_panels``, e.g.
-    Admin's omega, min-mean-max), each only when a run logged its numbers.
-
-    A diverged run (``summary.json`` status "diverged") ends in a cross at its last logged point, labelled with
-    the update where it stopped.
-    """
-    runs = [d if isinstance(d, dict) else read_run(d) for d in run_dirs]
-    panels = [("train", "loss", "train loss (bits/token)"), ("valid", "loss", "valid loss (bits/token)"),
-              ("train", "lr", "learning rate"), ("train", "grad_norm", "gradient norm (before clipping)")]
-    bands = {}
-    for key, title, band in dict.fromkeys(p for cls in SCHEMES.values() for p in cls.curve_panels):
-        if any(_series(run["train"], key)[0] for run in runs):  # no empty panel for schemes no run used
-            panels.append(("train", key, title + (" (mean, band = min..max)" if band else "")))
-            bands[key] = band
-    rows = -(-(len(panels) + 1) // 3)  # and one cell for the legend
-    fig = _figure(13, 3.75 * rows)
-    axes = fig.subplots(rows, 3).ravel()
-    colors = [f"C{i}" for i in range(10)]
-    for k, run in enumerate(runs):
-        color = colors[k % len(colors)]
-        diverged = run["summary"].get("status") == "diverged"
-        label = run["name"] + (f" (diverged at {run['summary'].get('diverged_at')})" if diverged else "")
-        for ax, (kind, key, _) in zip(axes, panels):
-            xs, ys = _series(run[kind], key)
-            if not xs:
-                continue
-            ax.plot(xs, ys, "-" if kind == "train" else "o-", ms=3, color=color, label=label)
-            if bands.get(key):
-                lo, hi = _series(run[kind], bands[key][0]), _series(run[kind], bands[key][1])
-                if len(lo[0]) == len(xs) == len(hi[0]):
-                    ax.fill_between(xs, lo[1], hi[1], color=color, alpha=0.15)
-            if diverged:
-                ax.plot([xs[-1]], [ys[-1]], "x", ms=10, mew=2, color=color)
-    for ax, (_, key, title) in zip(axes, panels):
-        ax.set_xlabel("update")
-        ax.set_ylabel(title)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ys = np.concatenate([np.asarray(line.get_ydata(), float) for line in ax.get_lines()] or [np.ones(1)])
-        if key in ("loss", "grad_norm") and ys.min() > 0 and ys.max() / ys.min() > 20:
-            ax.set_yscale("log")  # a divergence spans decades
-    for ax in axes[len(panels):-1]:
-        ax.set_visible(False)
-    axes[-1].axis("off")
-    legend: dict[str, Any] = {}
-    for ax in axes[:len(panels)]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lab, h)
-    if legend:
-        axes[-1].legend(list(legend.values()), list(legend), loc="center", title="run (x = diverged)")
-    fig.suptitle("Training curves: " + ", ".join(r["name"] for r in runs))
-    return fig
-
-
-def plot_curves(run_dirs: Iterable[str | Path | dict], out: str | Path, dpi: int = 150) -> list[Path]:
-    """``curves_figure`` written as PNG and PDF."""
-    return save(curves_figure(run_dirs), out, dpi)
+# the training curves live in ``curve_plots``; imported here too, where they have always been found
+from .curve_plots import curves_figure, plot_curves, read_metrics, read_run  # noqa: E402,F401

@@ -74,3 +74,18 @@ def grad_norms_table(norms: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> st
     return table(["scheme", "stack", "sub-layers", "first", "last", "min"], rows,
                  "|dL/dx_i| at each sub-layer's output, relative to the largest in the network")
 
+
+def curves_table(rows: list[dict]) -> str:
+    """The numbers behind the curves figure, one line per run (losses in bits per token)."""
+    def num(v, fmt="{:.3f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    width = max([len(r["name"]) for r in rows] + [3])
+    lines = [f"{'run'.ljust(width)}  {'status':<9} {'stopped':<11} {'updates':>7} {'last train':>10} "
+             f"{'best valid':>10}  (loss, bits/token)"]
+    for r in rows:
+        s = r["summary"]
+        lines.append(f"{r['name'].ljust(width)}  {s.get('status') or '-':<9} {s.get('stopped') or '-':<11} "
+                     f"{num(s.get('updates'), '{}'):>7} {num(r['last_train_loss']):>10} "
+                     f"{num(s.get('best_valid_loss')):>10}")
+    return "\n".join(lines)
