@@ -2,8 +2,9 @@
 a small CNN on scikit-learn's bundled 8x8 digits (Ba et al. 2016's feed-forward claims).
 
 Runs model x norm x batch size: a learning-rate grid on a tuning seed, then the chosen rate on the reported seeds,
-``--jobs`` at a time (processes of one thread); each run is a JSON file under ``--out``/ff/ and is read instead of rerun when it
-exists (rerun to resume or redraw). Then writes ``ff_results.md``, the CSVs and the figures under ``--out``:
+``--jobs`` runs at a time (processes of one thread); each run is a JSON file under ``--out``/ff/ and is read instead
+of rerun when it exists (rerun to resume or redraw). Then writes ``ff_results.md``, the CSVs and the figures under
+``--out``:
 
     OMP_NUM_THREADS=1 python experiments/ln_feedforward.py           # the committed study
     python experiments/ln_feedforward.py --out runs/ff_smoke --models mlp --batch-sizes 16 --lrs 1e-3 \\

@@ -187,7 +187,7 @@ def results_table(reported: list[dict]) -> tuple[str, list[dict]]:
     """Markdown (mean ± sd over seeds; errors in %) and CSV rows (one per run)."""
     early = early_update(reported)
     head = ["model", "norm", "batch", "lr", "seeds", f"test err @ {early}", "test err, final",
-            "train nll, final", "test err, batch stats", "batch − running stats"]
+            "test nll, final", "train nll, final", "test err, batch stats", "batch − running stats"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|" + "---:|" * (len(head) - 5)]
     rows = []
     for (model, norm, b), rs in _groups(reported).items():
@@ -196,13 +196,15 @@ def results_table(reported: list[dict]) -> tuple[str, list[dict]]:
         lines.append("| " + " | ".join([
             model, norm, str(b), ", ".join(f"{x:g}" for x in lrs), str(len(rs)),
             _ms([_at(r, early, "test_err") for r in rs], scale=100), _ms([r["final_test_err"] for r in rs], scale=100),
-            _ms([r["final_train_nll"] for r in rs], "{:.3f}"), _ms([r["test_err_batch_stats"] for r in rs], scale=100),
-            _ms(gap, "{:+.1f}", 100)]) + " |")
+            _ms([r["history"][-1]["test_nll"] for r in rs], "{:.3f}"),
+            _ms([r["final_train_nll"] for r in rs], "{:.3f}"),
+            _ms([r["test_err_batch_stats"] for r in rs], scale=100), _ms(gap, "{:+.1f}", 100)]) + " |")
         for r in rs:
             rows.append({"model": model, "norm": norm, "batch_size": b, "lr": r["config"]["lr"],
                          "seed": r["config"]["seed"], "status": r["status"], "updates": r["updates"],
                          f"test_err_at_{early}": _at(r, early, "test_err"), "final_test_err": r["final_test_err"],
-                         "final_train_nll": r["final_train_nll"], "final_valid_err": r["final_valid_err"],
+                         "final_test_nll": r["history"][-1]["test_nll"], "final_train_nll": r["final_train_nll"],
+                         "final_valid_err": r["final_valid_err"],
                          "test_err_batch_stats": r["test_err_batch_stats"], "seconds": round(r["seconds"], 2)})
     return "\n".join(lines) + "\n", rows
 
