@@ -314,3 +314,20 @@ def test_zero_gradients_are_drawn_as_zeros_not_as_a_tiny_number():
         smallest = min(np.nanmin(np.asarray(line.get_ydata(), float)) for line in lines.values())
         assert ax.get_ylim()[0] > smallest / 10 > 1e-3  # the floor sits just below the data, not at 1e-12
     assert "exactly 0" in fig.legends[0].get_title().get_text()
+
+
+def test_analyze_a_decoder_only_run_measures_its_validation_blocks(tmp_path, cli, titles):
+    from transformer_ln.train import main as train_main
+
+    out = tmp_path / "lm"
+    assert train_main(["--cpu", "model.arch=decoder_only", "model.residual=pre_ln", "model.d_model=32",
+                       "model.n_heads=4", "model.d_ff=64", "model.n_dec_layers=1", "data.synthetic_size=100",
+                       "data.vocab_size=300", "data.block_size=32", "model.max_positions=64", "train.max_updates=1",
+                       "train.max_tokens=256", "train.bleu_at_end=false", "train.valid_max_sentences=3",
+                       f"train.out_dir={out}"]) == 0
+    assert [r["examples"] for r in valid_records(out)] == [3]  # the cap counts blocks
+    res = cli("analyze", "gradients", "--run", out, "--batch-size", "4", "--out", tmp_path / "g")
+    assert res.stdout.splitlines()[0] == "measured on: lm:best, valid blocks[:4], 4 blocks of 32 tokens"
+    record = json.loads((tmp_path / "g" / "grad_norms.json").read_text())
+    assert record["batch"] == "valid blocks[:4], 4 blocks of 32 tokens"
+    assert "valid blocks[:4]" in titles[-1]

@@ -75,11 +75,13 @@ class Resolved:
                 "data.block_size", "model.preset", "model.positions", "model.activation")
         default = _flatten(RunConfig().to_dict())
         changed = [k for k in flat if k not in keys and _show(flat[k]) != _show(default.get(k))]
-        width = max(map(len, [*keys, *changed]))
-        row = lambda k: f"  {k.ljust(width)}  {_show(flat[k]):<12}  ({self.origins.get(k, DEFAULT)})"  # noqa: E731
-        lines += [row(k) for k in keys]
+        def rows(names) -> list[str]:  # each block aligned on its own keys
+            width = max(map(len, names))
+            return [f"  {k.ljust(width)}  {_show(flat[k]):<12}  ({self.origins.get(k, DEFAULT)})" for k in names]
+
+        lines += rows(keys)
         if changed:
-            lines += ["  other values that differ from the defaults:", *map(row, changed)]
+            lines += ["  other values that differ from the defaults:", *rows(changed)]
         lines.append("  (every key: `transformer-ln config`; change one with section.key=value)")
         return "\n".join(lines)
 
