@@ -106,8 +106,9 @@ def test_tables_and_figures_are_drawn_from_a_fixture(tmp_path):
         <= names and all(p.stat().st_size > 1000 for p in made)
     text = claims_markdown(sens, analysis)
     assert "| pre_ln+qk_norm | 4 | 1.5 (1 seed) |" in text and "| a | 1..2 | 3 -> 9 | 6 -> 7 |" in text
-    # 4 layers: the deepest quarter is layer 4, the first quarter after the embedding's step layer 2
-    assert "| pre_ln | 4 | 0.1 (1 seed) | 0.3 (1 seed) | 0.1 (1 seed) | 0.5 (1 seed) | 4 (1 seed) |" in text
+    # 4 layers: the deepest quarter is layer 4, the first quarter after the embedding's step layer 2; variance
+    # growth over the deeper half var(h_4)/var(h_2) = 8/3
+    assert "| pre_ln | 4 | 0.1 (1 seed) | 0.3 (1 seed) | 0.1 (1 seed) | 0.5 (1 seed) | 2.67 (1 seed) |" in text
 
 
 def test_the_71m_config_has_71m_parameters():

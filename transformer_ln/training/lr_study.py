@@ -117,7 +117,8 @@ def _stat(values: list[float]) -> str:
 
 def profile_numbers(profiles: dict[str, dict]) -> dict[tuple, dict[str, list[float]]]:
     """Per (scheme, depth): over seeds, the deepest quarter's mean angular distance and removal cost, the first
-    quarter's, and the variance growth var(h_L)/var(h_1)."""
+    quarter's (after the embedding's step, d(h_0, h_1)), and the variance growth over the deeper half,
+    var(h_L)/var(h_{L/2}) (Mix-LN's first quarter is Post-LN, normalised: the half leaves it out)."""
     out: dict[tuple, dict[str, list[float]]] = {}
     for p in profiles.values():
         L = len(p["angular"])
@@ -128,7 +129,8 @@ def profile_numbers(profiles: dict[str, dict]) -> dict[tuple, dict[str, list[flo
         d["angular_early"].append(mean(p["angular"][1:1 + q] or p["angular"][:q]))  # l = 1.. (not the embedding)
         d["removal_deep"].append(mean(p["removal_bits"][-q:]))
         d["removal_early"].append(mean(p["removal_bits"][1:1 + q] or p["removal_bits"][:q]))
-        d["variance_growth"].append(p["variance"][-1] / p["variance"][1] if p["variance"][1] > 0 else math.nan)
+        mid = p["variance"][L // 2]
+        d["variance_growth"].append(p["variance"][-1] / mid if mid > 0 else math.nan)
     return out
 
 
@@ -144,7 +146,7 @@ def claims_markdown(sens: list[dict], analysis: dict[str, Any]) -> str:
                      f"{_stat([s['best_loss'] for s in ss])} | {', '.join(format(s['best_lr'], 'g') if s['best_lr'] else '-' for s in ss)} | "
                      f"{sum(s['diverged'] for s in ss)} |")
     lines += ["", "## Depth profiles of each scheme's best-LR run (deepest vs first quarter of layers)", "",
-              "| scheme | depth | angular d(l,l+1) deep | early | removal cost deep (bits) | early | var(h_L)/var(h_1) |",
+              "| scheme | depth | angular d(l,l+1) deep | early | removal cost deep (bits) | early | var(h_L)/var(h_L/2) |",
               "|---|---|---|---|---|---|---|"]
     for (scheme, depth), d in sorted(profile_numbers(analysis["profiles"]).items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(f"| {scheme} | {depth} | {_stat(d['angular_deep'])} | {_stat(d['angular_early'])} | "
