@@ -98,9 +98,9 @@ def traces_figure(traces: Mapping[str, Mapping[str, Any]]):
             kw = dict(color=colour, ls=ls, marker=markers.get(t["lr"], "o"), ms=3)
             row[0].plot(t["update"], t["max_attn_logit"], label=f"{label}, lr {t['lr']:g}", **kw)
             row[1].plot(t["update"], t["log_z_mean"], **kw)
-        row[0].set_ylabel("max attention logit")
-        row[1].set_ylabel("mean log Z of the output")
-        row[1].axhline(0, color="0.6", lw=0.8)
+        row[0].set_ylabel("max attention logit (log scale)")
+        row[0].set_yscale("log")
+        row[1].set_ylabel("mean log Z of the output (z-loss pulls it to 0)")
         for ax in row:
             ax.set_xlabel("update")
             ax.set_title(f"{depth} layers", fontsize=9)
