@@ -84,6 +84,8 @@ def test_the_sweep_skips_a_finished_run_trains_the_other_and_analyses_its_checkp
     prof = analysis["profiles"][new.name]
     assert len(prof["variance"]) == 3 and len(prof["angular"]) == 2 and len(prof["removal_bits"]) == 2
     assert "| pre_ln | 2 |" in claims_markdown(sens, analysis)
+    assert (tmp_path / new.name / "lr_trace.json").is_file()  # kept with the run: a rerun reads it back
+    assert analyse([done, new], rows, tmp_path, top=1) == analysis
 
 
 def test_tables_and_figures_are_drawn_from_a_fixture(tmp_path):

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from statistics import mean, stdev
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import write_text
 from ..runs.checkpoint import load_model, load_run_config_from, update_checkpoints
 from .sweep import Point, is_finished
 
@@ -40,7 +42,7 @@ def _attach(run_dir: Path, which: str):
     from ..diagnostics.families import attach
 
     model, _ = load_model(run_dir, which)
-    return attach(model.double())
+    return attach(model)  # float32 forward; the statistics are taken in float64
 
 
 def trace(run_dir: Path, ids: torch.Tensor) -> dict[str, list]:
@@ -85,23 +87,38 @@ def best_runs(rows: list[dict]) -> dict[tuple, str]:
     return {k: r["run"] for k, r in best.items()}
 
 
+def _cached(path: Path, compute) -> dict:
+    """``compute()``, kept in ``path`` (a finished run's checkpoints never change, so neither does the result)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    write_text(path, json.dumps(value))
+    return value
+
+
 def analyse(points: list[Point], rows: list[dict], out: Path, top: int = 2, seeds: int = 1) -> dict[str, Any]:
     """Traces of the runs at the ``top`` largest learning rates (first ``seeds`` seeds) and depth profiles of each
-    (scheme, depth, seed)'s best run: ``{"traces": {run: trace}, "profiles": {run: profile}, "best": ...}``."""
+    (scheme, depth, seed)'s best run: ``{"traces": {run: trace}, "profiles": {run: profile}, "best": ...}``.
+    Each run's numbers are kept in its directory (``lr_trace.json``, ``lr_profile.json``) and read back on a rerun."""
     lrs = sorted({p.lr for p in points})[-top:] if top > 0 else []
     keep_seeds = sorted({p.seed for p in points})[:seeds]
     traced = [p for p in points if p.lr in lrs and p.seed in keep_seeds and is_finished(out / p.name)]
     best = best_runs(rows)
-    ids = None
+    memo: dict[str, torch.Tensor] = {}
+
+    def batch(run_dir: Path) -> torch.Tensor:  # one fixed batch for every run (they share their data)
+        if "ids" not in memo:
+            memo["ids"] = analysis_batch(run_dir)
+        return memo["ids"]
     result: dict[str, Any] = {"traces": {}, "profiles": {}, "best": {"|".join(map(str, k)): v for k, v in best.items()},
                               "traced_lrs": lrs}
     info = {p.name: {"scheme": p.scheme, "depth": p.depth, "lr": p.lr, "seed": p.seed} for p in points}
     for p in tqdm(traced, desc="traces", unit="run"):
-        ids = analysis_batch(out / p.name) if ids is None else ids
-        result["traces"][p.name] = {**info[p.name], **trace(out / p.name, ids)}
+        result["traces"][p.name] = {**info[p.name], **_cached(out / p.name / "lr_trace.json",
+                                                              lambda: trace(out / p.name, batch(out / p.name)))}
     for run in tqdm(sorted(best.values()), desc="depth profiles", unit="run"):
-        ids = analysis_batch(out / run) if ids is None else ids
-        result["profiles"][run] = {**info[run], **depth_profile(out / run, ids)}
+        result["profiles"][run] = {**info[run], **_cached(out / run / "lr_profile.json",
+                                                          lambda: depth_profile(out / run, batch(out / run)))}
     return result
 
 
