@@ -222,6 +222,7 @@ def test_analyze_a_run_measures_its_validation_sentences_and_says_so(run, tmp_pa
     assert json.loads((tmp_path / "r" / "grad_norms.json").read_text())["batch"] == "random ids 4x20"
     assert res.stdout.splitlines()[0] == "measured on: run:best, random ids 4x20"
     one_line(cli("analyze", "gradients", "--run", run, "--seq-len", "9", "--out", tmp_path / "x"), "--random-ids")
+    one_line(cli("analyze", "gradients", "--run", run, "--batch-size", "0", "--out", tmp_path / "x"), "--batch-size 0")
 
 
 def test_every_analysis_figure_of_a_run_names_its_batch(run, tmp_path, cli, titles):

@@ -70,6 +70,8 @@ def valid_batch(run_dir, cfg, n: int = 16, device: torch.device | str = "cpu") -
     from ..errors import UserError
     from ..training.task import get_task
 
+    if n < 1:
+        raise UserError(f"--batch-size {n}: need at least 1 sentence (block)")
     data = get_task(cfg).prepare(Path(run_dir), None, progress=False)
     have = len(data.splits.get("valid") or ())
     if not have:

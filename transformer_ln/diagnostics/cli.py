@@ -146,11 +146,15 @@ def _batch(args, model, device) -> dict[str, torch.Tensor]:
     from .batch import random_batch_for
 
     cfg = model.cfg
-    size, length = args.batch_size or RANDOM_SHAPE[0], args.seq_len or RANDOM_SHAPE[1]
+    size, length = _random_shape(args)
     if not 1 <= length <= cfg.max_positions or size < 1:
         raise UserError(f"--seq-len {length} / --batch-size {size}: need 1 <= seq-len <= "
                         f"model.max_positions={cfg.max_positions} and batch-size >= 1")
     return random_batch_for(model, size, length, args.seed, device=device)
+
+
+def _random_shape(args) -> tuple[int, int]:  # (sentences, tokens): --batch-size and --seq-len, or RANDOM_SHAPE
+    return tuple(RANDOM_SHAPE[k] if v is None else v for k, v in enumerate((args.batch_size, args.seq_len)))
 
 
 def _run_batch(args, model, run_cfg, device) -> dict:
@@ -162,9 +166,7 @@ def _run_batch(args, model, run_cfg, device) -> dict:
     if args.seq_len is not None:
         raise UserError("--seq-len: a run is measured on its validation sentences, which have their own lengths; "
                         "add --random-ids to measure it on random token ids of that length")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: need at least 1 sentence")
-    return valid_batch(args.run, run_cfg, args.batch_size or VALID_SENTENCES, device)
+    return valid_batch(args.run, run_cfg, VALID_SENTENCES if args.batch_size is None else args.batch_size, device)
 
 
 def _seeds(args) -> list[int]:
@@ -213,8 +215,7 @@ def models(args, seed: int | None = None):
         yield scheme, scheme, model.eval(), batch, "init"
 
 
-def _announce(args, what: str) -> None:
-    """``measured on: ...`` once per command, above its table."""
+def _announce(args, what: str) -> None:  # "measured on: ..." once per command, above its table
     if getattr(args, "_announced", None) != what:
         print(f"measured on: {what}")
         args._announced = what
@@ -306,7 +307,7 @@ def cmd_output_change(args) -> list[Path]:
 
         cfg, schemes = _fresh_config(args)
         extra = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FIELDS_SET_BY_SWEEP}
-        size, length = args.batch_size or RANDOM_SHAPE[0], args.seq_len or RANDOM_SHAPE[1]
+        size, length = _random_shape(args)
         sweep = depth_sweep(schemes, args.depths, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
                             vocab_size=cfg.src_vocab_size, batch_size=size, seq_len=length,
                             eps=args.eps, perturbation=args.perturbation, n_samples=args.samples, seed=args.seed,
