@@ -2,7 +2,7 @@
 import sys
 
 from transformer_ln.cli import run_command
-from transformer_ln.diagnostics.cli import main
+from transformer_ln.evaluation.run_batch import analyze_main as main
 
 if __name__ == "__main__":
     sys.exit(run_command(main, ["output-change", *sys.argv[1:]]))

@@ -61,7 +61,7 @@ def run(tmp_path_factory):
 
 
 def test_data_files_without_data_source_files_are_one_line(cli):
-    with pytest.raises(ConfigError, match=r"data.train_src: given, but data.source='synthetic' .* add "
+    with pytest.raises(ConfigError, match=r"data.train_src: given, but data.source='synthetic' .*add "
                                           r"data.source=files"):
         load_run_config(None, ["data.train_src=A", "data.train_tgt=B"])
     res = cli("train", "--cpu", "data.train_src=A", "data.train_tgt=B", "train.max_updates=1")

@@ -23,7 +23,7 @@ COMMANDS = {
     "average": ("transformer_ln.runs.checkpoint", "average_main", "average the last N checkpoints of a run"),
     "data": ("transformer_ln.data.cli", "main",
              "corpus statistics (stats); tokenize and encode once for many runs (prepare)"),
-    "analyze": ("transformer_ln.diagnostics.cli", "main",
+    "analyze": ("transformer_ln.evaluation.run_batch", "analyze_main",
                 "dependency, output change, gradient norms, depth statistics, curves; our runs or --hf DIR"),
     "sweep": ("transformer_ln.training.sweep", "main",
               "a grid of runs (scheme x depth x lr x warmup x seed), resumable; results.md/.csv and plots"),

@@ -196,10 +196,6 @@ def _init_with_scheme_options(init):
 ModelConfig.__init__ = _init_with_scheme_options(ModelConfig.__init__)
 
 
-FILE_KEYS = ("train_src", "train_tgt", "valid_src", "valid_tgt", "test_src", "test_tgt", "train_text", "valid_text",
-             "test_text")  # data.* paths: read only with data.source=files
-
-
 @dataclass
 class DataConfig(Section):
     """Where the parallel text comes from and how it is tokenized (see ``transformer_ln.data``)."""
@@ -249,11 +245,11 @@ class DataConfig(Section):
                     raise ConfigError(f"{p}{n}: required when {p}source='files' (a path to a text, .gz or .jsonl file)")
             if (self.test_src is None) != (self.test_tgt is None):
                 raise ConfigError(f"{p}test_src/{p}test_tgt: give both or neither")
-        ignored = [n for n in FILE_KEYS if getattr(self, n) is not None]
-        if self.source != "files" and ignored and not self.prepared:  # the built-in corpus or the hub reads none
-            raise ConfigError(f"{p}{ignored[0]}: given, but {p}source={self.source!r} reads "
-                              f"{'the built-in corpus' if self.source == 'synthetic' else p + 'hub_name'} and would "
-                              f"ignore it; add {p}source=files to train on your files (or drop {p}{ignored[0]})")
+        paths = [f.name for f in dataclasses.fields(self) if f.name.endswith(("_src", "_tgt", "_text"))]
+        ignored = [n for n in paths if getattr(self, n) is not None]  # read only with data.source=files
+        if self.source != "files" and ignored and not self.prepared:
+            raise ConfigError(f"{p}{ignored[0]}: given, but {p}source={self.source!r} does not read it (add "
+                              f"{p}source=files to train on your files, or drop {p}{ignored[0]})")
         if self.source == "hub" and not self.hub_name and not self.prepared:
             raise ConfigError(f"{p}hub_name: required when {p}source='hub' (e.g. 'wmt14' or 'iwslt2017')")
 

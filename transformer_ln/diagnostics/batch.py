@@ -1,16 +1,14 @@
-"""The batches the analyses measure on: a trained run's own validation sentences, or random token ids.
+"""The batches the analyses measure on: random token ids here; a trained run's own validation sentences from
+``transformer_ln.evaluation.run_batch`` (the corpus readers sit above the diagnostics, so the command passes it in).
 
-A trained model is measured where it was trained to work: ``valid_batch`` is the first N pairs (a decoder-only run:
-blocks) of the run's validation split, the tensors its trainer validated on. Random ids (seeded, so runs are
-comparable) serve fresh models, which have no corpus, or a run when asked. Two formats, the tasks' own: translation
-``{"src", "tgt_in", "tgt_out"}`` (``random_batch``) and language model ``{"input", "target"}`` (``random_blocks``:
-packed blocks, no padding). ``random_batch_for`` makes the one a model reads (one token sequence per stack it has),
-``batch_inputs`` turns either into (the model's inputs, the targets). Every batch says what it is in ``"about"``
-("valid[:16], 16 sentences", "random ids 4x20"), which the titles, JSON and tables repeat.
+Random ids (seeded, so runs are comparable) serve fresh models, which have no corpus, or a run when asked. Two
+formats, the tasks' own: translation ``{"src", "tgt_in", "tgt_out"}`` (``random_batch``) and language model
+``{"input", "target"}`` (``random_blocks``: packed blocks, no padding). ``random_batch_for`` makes the one a model
+reads (one token sequence per stack it has), ``batch_inputs`` turns either into (the model's inputs, the targets).
+Every batch says what it is in ``"about"`` ("valid[:16], 16 sentence pairs", "random ids 4x20"), which the titles,
+JSON and tables repeat (``measured_on``).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -60,30 +58,6 @@ def random_blocks(vocab_size: int, batch_size: int = 4, seq_len: int = 20, pad_i
         raise ValueError(f"vocab_size: got {vocab_size}, need at least one token besides the pad")
     block = _tokens(torch.Generator().manual_seed(seed), vocab_size, (batch_size, seq_len + 1), pad_id)
     return {"input": block[:, :-1].to(device), "target": block[:, 1:].to(device), "ntokens": batch_size * seq_len}
-
-
-def valid_batch(run_dir, cfg, n: int = 16, device: torch.device | str = "cpu") -> dict:
-    """The first ``n`` pairs (a decoder-only run: blocks) of the validation split of the run in ``run_dir``
-    (``cfg``: its ``RunConfig``), read from its prepared data as the trainer reads them, with ``"about"``."""
-    import numpy as np
-
-    from ..errors import UserError
-    from ..training.task import get_task
-
-    if n < 1:
-        raise UserError(f"--batch-size {n}: need at least 1 sentence (block)")
-    data = get_task(cfg).prepare(Path(run_dir), None, progress=False)
-    have = len(data.splits.get("valid") or ())
-    if not have:
-        raise UserError(f"{run_dir}: its corpus has no validation split to measure on; pass --random-ids for a batch "
-                        "of random token ids")
-    batch = data.batch("valid", np.arange(min(n, have)))
-    k = int(batch["nsentences"])
-    if "input" in batch:  # a language model's packed blocks
-        about = f"valid blocks[:{k}], {k} blocks of {batch['input'].shape[1]} tokens"
-    else:
-        about = f"valid[:{k}], {k} sentence pairs"
-    return {**{key: v.to(device) for key, v in batch.items() if torch.is_tensor(v)}, "about": about}
 
 
 def random_batch_for(model: nn.Module, batch_size: int = 4, seq_len: int = 20, seed: int = 0,

@@ -2,12 +2,11 @@
 
 A model comes either from a run directory (``--run DIR``, its best checkpoint) or is freshly initialised from the
 default config plus dotted overrides (``model.n_enc_layers=6 model.residual=admin``); Admin with profiled omega is
-profiled on the measurement batch first. A run is measured on its own validation sentences (the first
-``--batch-size``, default 16, pairs; a decoder-only run: blocks), random ids only with ``--random-ids``; fresh
-models on random tokens with a fixed seed, so numbers are reproducible: (src, tgt_in) pairs for the encoder-decoder,
-packed blocks of ids (no padding) for a decoder-only model (``model.arch=decoder_only`` or
-``model.preset=gpt2|llama``), whose one stack is "decoder". The batch is named ("valid[:16], 16 sentence pairs",
-"random ids 4x20") above the table, in the JSON (``"batch"``) and in every figure title.
+profiled on the measurement batch first. A run is measured on its first ``--batch-size`` (16) validation pairs
+(blocks; read by ``evaluation.run_batch``, passed in), random ids only with ``--random-ids``; fresh models on seeded
+random tokens: (src, tgt_in) pairs for the encoder-decoder, packed blocks (no padding) for a decoder-only model,
+whose one stack is "decoder". The batch is named ("valid[:16], 16 sentence pairs", "random ids 4x20") above the
+table, in the JSON (``"batch"``) and in every figure title.
 ``--seeds K`` repeats a measurement with seeds seed..seed+K-1 (model init, perturbation, dropout) and reports the
 mean and its 95% interval; ``output-change`` states its definition (``--preset ours|reference`` and the options that
 override it) in the JSON and the figure.
@@ -20,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -159,14 +159,16 @@ def _random_shape(args) -> tuple[int, int]:  # (sentences, tokens): --batch-size
 
 def _run_batch(args, model, run_cfg, device) -> dict:
     """A run's batch: its first ``--batch-size`` validation pairs (blocks), or random ids with ``--random-ids``."""
-    from .batch import valid_batch
-
     if args.random_ids:
         return _batch(args, model, device)
     if args.seq_len is not None:
         raise UserError("--seq-len: a run is measured on its validation sentences, which have their own lengths; "
                         "add --random-ids to measure it on random token ids of that length")
-    return valid_batch(args.run, run_cfg, VALID_SENTENCES if args.batch_size is None else args.batch_size, device)
+    if getattr(args, "valid_batch", None) is None:
+        raise UserError("--run: this entry cannot read the run's validation sentences; use `transformer-ln analyze` "
+                        "(transformer_ln.evaluation.run_batch.analyze_main), or add --random-ids")
+    n = VALID_SENTENCES if args.batch_size is None else args.batch_size
+    return args.valid_batch(args.run, run_cfg, n, device)
 
 
 def _seeds(args) -> list[int]:
@@ -372,10 +374,8 @@ COMMANDS = {"dependency": cmd_dependency, "output-change": cmd_output_change, "g
             "curves": cmd_curves}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``transformer-ln analyze``; prints its key numbers as a table and the paths it wrote."""
-    import sys
-
+def main(argv: list[str] | None = None, valid_batch=None) -> int:
+    """``transformer-ln analyze``; ``valid_batch`` reads a run's validation sentences (``evaluation.run_batch``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(command).parse_intermixed_args(argv[1:])
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    args.valid_batch = valid_batch
     if command in DEPTH_HELP or getattr(args, "hf", None) is not None:
         from .depth_cli import run
 
