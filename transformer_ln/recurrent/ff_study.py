@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 from ..atomic import write_text
 from .feedforward import MODEL_NORMS, FFConfig, Split, load_digits_split, train_ff
-from .study import NORM_COLORS, _axes_labels, _plain_log_ticks, _save_png, write_csv
+from .study import NORM_COLORS, _axes_labels, _save_png, write_csv
 
 BATCH_SIZES = (4, 16, 64, 256)
 LRS = (3e-4, 1e-3, 3e-3)
@@ -234,6 +234,16 @@ def tuning_table(tuning: list[dict]) -> tuple[str, list[dict]]:
 
 # ---- figures ----
 
+def _log_y(ax) -> None:
+    """Log y with ticks at 1, 2, 5 x 10^k written plainly (0.0002, 0.5, 20), whatever the range."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _grid_figure(nrows: int, ncols: int, width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -264,8 +274,7 @@ def plot_curves(reported: list[dict], key: str, ylabel: str, path: str | Path, t
                 xs, ps = zip(*pts)
                 ax.plot(xs, [statistics.mean(p) for p in ps], color=COLORS[norm], lw=1.3, label=norm)
                 ax.fill_between(xs, [min(p) for p in ps], [max(p) for p in ps], color=COLORS[norm], alpha=0.18)
-            ax.set_yscale("log")
-            _plain_log_ticks(ax)
+            _log_y(ax)
             ax.set_title(f"{TITLES[model]}, batch {b}", fontsize=9)
             _axes_labels(ax, "updates" if i == len(models) - 1 else "", ylabel if j == 0 else "")
             if ax.get_legend() is not None:  # one legend per row, in its first panel
@@ -292,8 +301,7 @@ def plot_vs_batch(reported: list[dict], path: str | Path, title: str = "") -> Pa
             for norm in norms:
                 pts = sorted((b, [get(r) for r in rs]) for (m, n, b), rs in groups.items() if m == model and n == norm)
                 _errorbar(ax, pts, COLORS[norm], norm)
-            ax.set_yscale("log")
-            _plain_log_ticks(ax)
+            _log_y(ax)
             _batch_axes(ax, f"{TITLES[model]}: {label}", legend=j == 0)
         ax = axes[i][3]
         for mode, key, style in (("running averages (eval)", "final_test_err", "-"),
@@ -301,8 +309,7 @@ def plot_vs_batch(reported: list[dict], path: str | Path, title: str = "") -> Pa
             pts = sorted((b, [100 * r[key] for r in rs]) for (m, n, b), rs in groups.items()
                          if m == model and n == "batchnorm")
             _errorbar(ax, pts, COLORS["batchnorm"], f"BN, {mode}", style)
-        ax.set_yscale("log")
-        _plain_log_ticks(ax)
+        _log_y(ax)
         _batch_axes(ax, f"{TITLES[model]}: BN test error (%)", legend=True)
     if title:
         fig.suptitle(title, fontsize=10)
