@@ -109,3 +109,11 @@ def test_the_study_script_tunes_reports_and_resumes_from_its_files(tmp_path, cap
                                           eval_every=10, progress=False)
     assert {p: p.stat().st_mtime_ns for p in runs} == stamps   # everything read back, nothing retrained
     assert len(reported) == 4 and len(tuning) == 8
+
+
+def test_without_scikit_learn_the_study_says_what_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)   # an import of it now fails as if not installed
+    assert ln_feedforward.main(["--out", str(tmp_path / "unused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install -e .[studies]" in err[0], err
+    assert not (tmp_path / "unused").exists()
