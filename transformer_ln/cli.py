@@ -17,7 +17,8 @@ COMMANDS = {
     "train": ("transformer_ln.train", "main", "train a model (no CONFIG: a small model on the built-in corpus)"),
     "translate": ("transformer_ln.evaluation.evaluate", "translate_main", "translate sentences with a trained run"),
     "evaluate": ("transformer_ln.evaluation.evaluate", "evaluate_main",
-                 "sacreBLEU and chrF of a run on a split (decoder-only runs: perplexity, bits per byte)"),
+                 "sacreBLEU and chrF of a run on a split or any --src/--ref test set (decoder-only runs: "
+                 "perplexity, bits per byte)"),
     "generate": ("transformer_ln.evaluation.generate", "generate_main",
                  "continue a prompt with a decoder-only run (greedy, temperature, top-k, top-p)"),
     "average": ("transformer_ln.runs.checkpoint", "average_main", "average the last N checkpoints of a run"),
