@@ -51,12 +51,11 @@ def param_groups(model: nn.Module, eps: float) -> list[dict]:
     Each group carries ``lr_scale``, which the schedule multiplies its learning rate by. A model whose sub-layers
     all ask for (1, 1) gets one group, as before the option existed (so old runs' optimizer states still load).
     """
-    from .sublayer import Sublayer
-
     scales: dict[int, tuple[float, float]] = {}
-    for m in model.modules():
-        if isinstance(m, Sublayer) and m.scheme is not None and m.site is not None:
-            s = m.scheme.optimizer_scales(m.site)
+    for m in model.modules():  # the sub-layers: they know their scheme and site (no import of sublayer: no cycle)
+        scheme, site = getattr(m, "scheme", None), getattr(m, "site", None)
+        if site is not None and hasattr(scheme, "optimizer_scales"):
+            s = scheme.optimizer_scales(site)
             for p in m.parameters():
                 scales.setdefault(id(p), s)
     groups: dict[tuple[float, float], list] = {}
