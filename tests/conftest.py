@@ -1,8 +1,41 @@
-"""Shared fixtures: tiny models so the suite stays fast on 2 CPU cores."""
-import pytest
-import torch
+"""Shared fixtures: tiny models so the suite stays fast on 2 CPU cores.
 
-from transformer_ln import SCHEMES, ModelConfig, Seq2SeqTransformer
+``make test`` runs the suite on two pytest-xdist workers, one per core: each worker (and every process a test starts)
+then uses one thread, so the two do not fight over the cores. Each file runs on one worker; the files that start
+``accelerate launch`` (two training processes on accelerate's fixed default port) all run on the same one.
+"""
+import inspect
+import os
+
+import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool; children inherit it
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+LAUNCHES = ("accelerate.commands.launch", "LAUNCH", "fault_injection.py", "--num_processes")
+
+
+def pytest_collection_modifyitems(config, items):
+    """xdist groups (``--dist loadgroup``): a test file's tests run on one worker, so its module-scoped fixtures are
+    built once; the files that start ``accelerate launch`` anywhere share one group, so two launches never race for
+    accelerate's port."""
+    launching: dict[str, bool] = {}
+    for item in items:
+        path = str(item.fspath)
+        if path not in launching:
+            try:
+                source = inspect.getsource(item.module)
+            except (OSError, TypeError, AttributeError):
+                source = ""
+            launching[path] = any(word in source for word in LAUNCHES)
+        item.add_marker(pytest.mark.xdist_group("launch" if launching[path] else item.fspath.basename))
+
+from transformer_ln import SCHEMES, ModelConfig, Seq2SeqTransformer  # noqa: E402
 
 SCHEME_NAMES = tuple(SCHEMES)  # every registered scheme: a new one is tested by every `any_scheme` test
 # the Admin paper's three, for the tests that write their formulas out (each must be registered)
