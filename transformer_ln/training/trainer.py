@@ -47,6 +47,25 @@ from .task import get_task
 from .validator import Validator
 
 
+class Pace:
+    """The time a run stopping on ``train.max_updates`` will take, said once ``after`` updates past the first
+    (slower) one of this process, at the pace measured so far; validation, checkpoints and the test score add to it."""
+
+    def __init__(self, start: int, after: int = 10):
+        self.start, self.after, self.t_first = start, after, None
+
+    def estimate(self, update: int, max_updates: int) -> str | None:
+        done, left = update - self.start - 1, max_updates - update
+        if done == 0:
+            self.t_first = time.time()
+        elif done == self.after and left > 0 and self.t_first is not None:
+            pace = (time.time() - self.t_first) / self.after
+            return (f"estimate: {pace:.2f} s/update over updates {self.start + 2}-{update}, so about "
+                    f"{pace * left / 60:.1f} min for the {left} left to train.max_updates={max_updates} "
+                    "(validation, checkpoints and the test score add to it)")
+        return None
+
+
 @dataclass
 class UpdateContext:
     """What a callback sees after each optimizer update.
@@ -212,7 +231,7 @@ class Trainer:
         start_wall = time.time() - st.wall_time
         bar = tqdm(total=t_cfg.max_updates or None, initial=st.update, disable=not acc.is_main_process or self.quiet,
                    desc=self.task.describe(), unit="upd", dynamic_ncols=True)
-        self._pace = (st.update, None)  # (update this process started from, time its first update ended)
+        self._pace = Pace(st.update)
         if self.resume and stop_reason(st, t_cfg):
             self.log(f"nothing left to train ({stop_reason(st, t_cfg)}); finishing the run")
         while stop_reason(st, t_cfg) is None:
@@ -289,7 +308,8 @@ class Trainer:
         record.update({k: v for k, v in stats.items() if k not in known})  # the scheme's update_stats
         self.write_metrics(record)
         bar.update(1)
-        self._estimate()
+        if note := self._pace.estimate(st.update, self.cfg.train.max_updates):
+            self.log(note)
         if st.update % self.cfg.train.log_every == 0 or st.update == 1:
             bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         first = next((b for b in group if b is not None), None)
@@ -304,19 +324,6 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_update_end(UpdateContext(st.update, model, first or self.task.empty_batch(self.accelerator.device),
                                            self.write_metrics))
-
-    def _estimate(self, after: int = 10) -> None:
-        """Once, ``after`` updates past the first (slower) one: the time the remaining ``max_updates`` should take at
-        the pace measured so far; validation, checkpoints and the test score come on top."""
-        start, t_first = self._pace
-        done, left = self.state.update - start - 1, self.cfg.train.max_updates - self.state.update
-        if done == 0:
-            self._pace = (start, time.time())
-        elif done == after and left > 0:
-            pace = (time.time() - t_first) / after
-            self.log(f"estimate: {pace:.2f} s/update over updates {start + 2}-{self.state.update}, so about "
-                     f"{pace * left / 60:.1f} min for the {left} left to train.max_updates={self.cfg.train.max_updates}"
-                     " (validation, checkpoints and the test score add to it)")
 
     def _end_epoch(self) -> None:
         st = self.state
