@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..model.schemes import SCHEMES
-from .plotting import _done, _figure, save
+from .figure_fit import done as _done, new_figure as _figure, save
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[str]]:

@@ -1,4 +1,5 @@
-"""Figures that fit a page and titles that fit their figure, at any number of schemes.
+"""Figures that fit a page and titles that fit their figure, at any number of schemes; made (``new_figure``),
+finished (``done``) and written as PNG and PDF (``save``) here for every figure module.
 
 A figure asked for more than ``PAGE`` (10 x 8 inches; 1500 x 1200 pixels at dpi 150) is scaled down to fit, its
 fonts with it (never below ``MIN_FONT`` points). Every title (the figure's and each panel's) is then measured and,
@@ -9,6 +10,7 @@ the extra lines when the figure is drawn. Measuring needs only the Agg renderer'
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 PAGE = (10.0, 8.0)  # inches: the largest figure written
 MIN_FONT = 5.0
@@ -97,3 +99,29 @@ def fit(fig, scale: float = 1.0):
     if fig._suptitle is not None:
         _fit_text(fig._suptitle, width * FIGURE_ROOM, renderer)
     return fig
+
+
+def new_figure(width: float, height: float):
+    """A constrained-layout ``Figure`` of that size, scaled down to fit ``PAGE`` (its fonts follow in ``done``)."""
+    from matplotlib.figure import Figure
+
+    width, height, scale = page_size(width, height)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    fig._fit_scale = scale
+    return fig
+
+
+def done(fig):
+    """The finished figure: fonts scaled with a shrunk one, every title in its room (``fit``)."""
+    return fit(fig, getattr(fig, "_fit_scale", 1.0))
+
+
+def save(fig, out: str | Path, dpi: int = 150) -> list[Path]:
+    """Write ``out.png`` (at ``dpi``) and ``out.pdf``; returns both paths. ``out`` may carry a suffix or not."""
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix.lower() in (".png", ".pdf") else out
+    base.parent.mkdir(parents=True, exist_ok=True)
+    paths = [base.with_name(base.name + ".png"), base.with_name(base.name + ".pdf")]
+    fig.savefig(paths[0], dpi=dpi)
+    fig.savefig(paths[1])
+    return paths

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..model.schemes import SCHEMES
 from ..model.sublayer import STACKS
-from .figure_fit import fit, page_size
+from .figure_fit import done as _done, new_figure as _figure, save  # noqa: F401 (depth_plots, tests)
 
 SCHEME_LABELS = {name: cls.label for name, cls in SCHEMES.items()}  # the registry's, so a new scheme needs no edit
 SCHEME_COLORS = {name: cls.color for name, cls in SCHEMES.items()}
@@ -24,31 +24,6 @@ SCHEME_COLORS = {name: cls.color for name, cls in SCHEMES.items()}
 
 def scheme_label(name: str) -> str:
     return SCHEME_LABELS.get(name, name)
-
-
-def _figure(width: float, height: float):
-    """A constrained-layout ``Figure`` of that size, scaled down to fit a page (``figure_fit.page_size``)."""
-    from matplotlib.figure import Figure
-
-    width, height, scale = page_size(width, height)
-    fig = Figure(figsize=(width, height), layout="constrained")
-    fig._fit_scale = scale
-    return fig
-
-
-def _done(fig):  # the finished figure: fonts scaled with a shrunk one, every title in its room (figure_fit.fit)
-    return fit(fig, getattr(fig, "_fit_scale", 1.0))
-
-
-def save(fig, out: str | Path, dpi: int = 150) -> list[Path]:
-    """Write ``out.png`` (at ``dpi``) and ``out.pdf``; returns both paths. ``out`` may carry a suffix or not."""
-    out = Path(out)
-    base = out.with_suffix("") if out.suffix.lower() in (".png", ".pdf") else out
-    base.parent.mkdir(parents=True, exist_ok=True)
-    paths = [base.with_name(base.name + ".png"), base.with_name(base.name + ".pdf")]
-    fig.savefig(paths[0], dpi=dpi)
-    fig.savefig(paths[1])
-    return paths
 
 
 def dependency_figure(betas: Mapping[str, Mapping[str, np.ndarray]], checkpoint: str = "init", columns: int = 5):
