@@ -156,6 +156,7 @@ def test_evaluate_and_generate_a_tiny_decoder_only_run_from_the_command_line(tmp
     assert line.startswith("test: perplexity ") and "bits/byte" in line
     again = json.loads(found.read_text())
     assert again["ppl"] == pytest.approx(at_end["ppl"], rel=1e-6)  # the same blocks, the same number
+    assert again["update"] == 3 and len(again["weights_sha256"]) == 64  # which weights were scored
     assert cli(["evaluate", str(out), "--split", "valid", "--limit", "2", "--max-tokens", "32"]) == 0
     valid = json.loads(RunDir(out).eval_file("valid", "best", 2).read_text())
     assert valid["blocks"] == 2 and valid["tokens"] == 64 and math.isfinite(valid["ppl"])

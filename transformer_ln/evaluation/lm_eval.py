@@ -134,17 +134,21 @@ def evaluate_lm_run(run_dir: str | Path, split: str = "test", checkpoint: str = 
         raise UserError(f"max_tokens: got {max_tokens}, must be a positive number of tokens")
     if limit is not None and limit <= 0:
         raise UserError(f"--limit: got {limit}, must be a positive number of blocks")
+    from .scored_weights import load_scored, weights_sha256
+
     where = f"{checkpoint} of {run.path}"
     if model is None:
         where = str(ckpt_lib.resolve(run.path, checkpoint))
-        model, cfg = ckpt_lib.load_model(run.path, checkpoint, device)
+        model, cfg, scored = load_scored(run.path, checkpoint, device)  # and which weights: update and hash
+    else:
+        scored = {"update": None, "weights_sha256": weights_sha256(model)}
     data = prepare_lm_data(cfg, run.path, accelerator, progress=is_main)  # the run's cache, memory-mapped
     max_tokens = max_tokens or max(cfg.train.max_tokens, EVAL_MAX_TOKENS)
     try:
         scores = evaluate_lm(model, data, split, max_tokens, accelerator, limit, progress=is_main)
     except NonFiniteLogits as e:
         raise nonfinite_error(model, where, str(e)) from None
-    scores = {"task": "language_model", "split": split, "checkpoint": checkpoint, "limit": limit or None,
+    scores = {"task": "language_model", "split": split, "checkpoint": checkpoint, **scored, "limit": limit or None,
               "n": scores["blocks"], **scores}
     if is_main:
         path = run.eval_file(split, checkpoint, limit)
