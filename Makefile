@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/transformer-ln train --cpu --overwrite
 
-# two workers, one per core (tests/conftest.py: one thread each, a file per worker, the launching files together)
+# two workers, one per core (tests/conftest.py: one thread each; a file's tests on one worker)
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 bench: setup
 	$(PY) benchmarks/throughput.py --device cpu --steps 10

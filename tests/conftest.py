@@ -1,10 +1,10 @@
 """Shared fixtures: tiny models so the suite stays fast on 2 CPU cores.
 
-``make test`` runs the suite on two pytest-xdist workers, one per core: each worker (and every process a test starts)
-then uses one thread, so the two do not fight over the cores. Each file runs on one worker; the files that start
-``accelerate launch`` (two training processes on accelerate's fixed default port) all run on the same one.
+``make test`` runs the suite on two pytest-xdist workers, one per core (``--dist loadfile``: a file's tests on one
+worker, so its module fixtures are built once): each worker, and every process a test starts, uses one thread, so
+the two do not fight over the cores. Every ``accelerate launch`` in the tests names a free port of its own
+(``fault_injection.free_port``), so launches on the two workers never meet on accelerate's default port.
 """
-import inspect
 import os
 
 import pytest
@@ -16,24 +16,6 @@ import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-LAUNCHES = ("accelerate.commands.launch", "LAUNCH", "fault_injection.py", "--num_processes")
-
-
-def pytest_collection_modifyitems(config, items):
-    """xdist groups (``--dist loadgroup``): a test file's tests run on one worker, so its module-scoped fixtures are
-    built once; the files that start ``accelerate launch`` anywhere share one group, so two launches never race for
-    accelerate's port."""
-    launching: dict[str, bool] = {}
-    for item in items:
-        path = str(item.fspath)
-        if path not in launching:
-            try:
-                source = inspect.getsource(item.module)
-            except (OSError, TypeError, AttributeError):
-                source = ""
-            launching[path] = any(word in source for word in LAUNCHES)
-        item.add_marker(pytest.mark.xdist_group("launch" if launching[path] else item.fspath.basename))
 
 from transformer_ln import SCHEMES, ModelConfig, Seq2SeqTransformer  # noqa: E402
 

@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,8 +43,18 @@ OVERRIDES = ["model.d_model=32", "model.n_heads=4", "model.d_ff=64", "model.n_en
              "train.max_epochs=0", "train.max_minutes=0", "train.save_every=3",
              "train.valid_every=10", "train.keep_last=2", "train.bleu_at_end=false"]
 MODES = ("training", "checkpoint", "anytime", "launcher", "full_disk")
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now. Each launch names its own (``--main_process_port``), so launches in the
+    test suite's parallel workers never meet on accelerate's default port 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), "--multi_gpu",
+          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 WORKERS_GONE_S = 30
 COMPARED = ("kind", "update", "epoch", "loss", "nll", "lr", "grad_norm", "ntokens", "ppl")
 

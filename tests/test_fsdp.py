@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fault_injection import free_port
 from conftest import tiny_run_config
 from test_train import metrics, prepare
 
@@ -26,7 +27,8 @@ COMMON = ["model.residual=admin", "model.dropout=0.1", "train.update_freq=2", "t
 def launch(tmp_path, name, *args, fsdp=True):
     target = ["tests/fsdp_on_cpu.py"] if fsdp else ["-m", "transformer_ln.train"]
     mode = ["--config_file", str(ACCELERATE_FSDP)] if fsdp else ["--multi_gpu"]  # the config the README gives
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+                           *mode, "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target,
                            *args, "--cpu"], capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})

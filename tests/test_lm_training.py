@@ -17,6 +17,7 @@ from transformer_ln.model.schemes import SCHEMES
 from transformer_ln.runs.checkpoint import update_checkpoints
 from transformer_ln.train import Trainer
 
+from fault_injection import free_port
 from conftest import tiny_run_config
 from test_train import metrics, prepare
 
@@ -82,7 +83,8 @@ def test_decoder_only_resume_is_bit_exact(tmp_path):
 def launch(tmp_path, config, *args, fsdp: bool):
     target = ["tests/fsdp_on_cpu.py"] if fsdp else ["-m", "transformer_ln.train"]
     mode = ["--config_file", str(ACCELERATE_FSDP)] if fsdp else ["--multi_gpu"]
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+                           *mode, "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target,
                            str(config), *args, "--cpu"], capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})

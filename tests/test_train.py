@@ -13,6 +13,7 @@ from transformer_ln.training.task import TranslationTask
 from transformer_ln.runs.checkpoint import average_checkpoints, load_model, update_checkpoints
 from transformer_ln.train import Trainer
 
+from fault_injection import free_port
 from conftest import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,8 @@ def test_two_processes_match_one_process_with_double_update_freq(tmp_path):
     assert one["status"] == "completed"
     config = tmp_path / "tiny.yaml"
     tiny_run_config(tmp_path / "two", *common, prepare(tmp_path / "prepared", *common)).save(config)  # both ranks
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+                           "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "-m", "transformer_ln.train", str(config), "train.update_freq=1", "--cpu"],
                           capture_output=True, text=True, cwd=REPO, timeout=600,

@@ -21,6 +21,7 @@ from transformer_ln.errors import UserError
 from transformer_ln.runs.rundir import RunDir, RunLock
 from transformer_ln.train import Trainer
 
+from fault_injection import free_port
 from conftest import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,9 +229,10 @@ def test_workers_stop_when_the_launcher_is_killed(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     tiny_run_config(run, "train.max_updates=0", "train.max_minutes=2", "train.save_every=1",
                     "data.synthetic_size=200", "model.n_enc_layers=1", "model.n_dec_layers=1").save(config)
-    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                                 "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                                 "--dynamo_backend", "no", "-m", "transformer_ln.train", str(config), "--cpu"],
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port",
+                                 str(free_port()), "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "transformer_ln.train",
+                                 str(config), "--cpu"],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
