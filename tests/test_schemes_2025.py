@@ -251,3 +251,14 @@ def test_to_hf_refuses_what_a_llama_checkpoint_cannot_hold(tmp_path, option):
     with pytest.raises(ValueError, match=f"to_hf: model.{next(iter(option))}: got"):
         to_hf(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_hybridnorm_v_norm_false_norms_only_queries_and_keys():
+    torch.manual_seed(0)
+    layer = EncoderLayer(D, H, F, dropout=0.0, residual="hybridnorm", hybridnorm_v_norm=False, layer_index=1)
+    att = layer.self_attn.branch
+    assert isinstance(att.v_norm, nn.Identity) and not isinstance(att.q_norm, nn.Identity)
+    randomize(layer)
+    x = torch.randn(2, 5, D)
+    y = _ln(layer.self_attn.post_norm, x.double() + _attn64(x.double(), att, norms=True))
+    torch.testing.assert_close(layer(x).double(), y + _branch64(layer.ffn, "ffn")(y), atol=1e-5, rtol=1e-5)

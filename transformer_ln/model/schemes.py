@@ -332,7 +332,8 @@ class HybridNorm(ResidualScheme):
     attention sub-layer is a Post-LN one (its post norm N(y) is both the FFN's input and its skip) and the FFN
     sub-layer has no norm, so nothing follows the FFN's add. This is not N(y + F(y)) on the FFN (the paper's
     "Post-Norm FFN" naming pitfall). ``hybridnorm_star`` (HybridNorm*): layer 0 is Pre-Norm for the attention
-    (keeping its QKV-norm) and for the FFN. Cross-attention (encoder-decoder) is treated as attention, its k and v
+    (keeping its QKV-norm) and for the FFN; ``hybridnorm_v_norm=False`` leaves v un-normed (an ablation: at our
+    small scale the v norm is what stalls training, see the README). Cross-attention (encoder-decoder) is treated as attention, its k and v
     normed per head from the encoder output. Default init (the paper's 1.2B config uses Megatron's init; its advice
     for small models is unverified).
     """
@@ -340,7 +341,9 @@ class HybridNorm(ResidualScheme):
     name, label, color = "hybridnorm", "HybridNorm", "indigo"
     final_norm = True
     options = {"hybridnorm_star": SchemeOption(False, "HybridNorm*: layer 0 Pre-Norm (its attention keeps the "
-                                               "QKV-norm)")}
+                                               "QKV-norm)"),
+               "hybridnorm_v_norm": SchemeOption(True, "HybridNorm: norm v per head too (the paper's QKV-norm); false "
+                                                 "norms q and k only (an ablation)")}
 
     def placement(self, site: Site) -> tuple[bool, bool, bool]:
         if self.hybridnorm_star and site.layer == 0:
@@ -349,7 +352,7 @@ class HybridNorm(ResidualScheme):
 
     def build_sublayer(self, branch: nn.Module, site: Site, dropout: float = 0.0) -> Sublayer:
         if hasattr(branch, "add_head_norms"):
-            branch.add_head_norms(self.make_norm, ("q", "k", "v"))
+            branch.add_head_norms(self.make_norm, ("q", "k", "v") if self.hybridnorm_v_norm else ("q", "k"))
         return super().build_sublayer(branch, site, dropout)
 
 
